@@ -1,0 +1,122 @@
+"""Building blocks shared by the decoder and the generators: time embedding, 2-D RoPE,
+q/k-normalised attention, and the MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FourierTimeEmbedding(nn.Module):
+    """t in [0, 1] -> fixed log-spaced Fourier features -> mapping MLP (SiLU) -> `out_dim`."""
+
+    def __init__(self, out_dim: int, num_freqs: int = 128, max_freq: float = 1000.0):
+        super().__init__()
+        freqs = torch.exp(torch.linspace(0, math.log(max_freq), num_freqs))
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * num_freqs, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t.float()[:, None] * self.freqs[None] * (2 * math.pi)
+        feats = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+def rope_2d(
+    grid: int, head_dim: int, n_prefix: int, base: float = 100.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial 2-D rotary tables (cos, sin) of shape (n_prefix + grid², head_dim).
+
+    Half of each head's channels rotate with the row index and half with the column index.
+    Prefix tokens (the in-context image token) get the identity rotation: they have no
+    position on the patch grid.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    inv_freq = 1.0 / (base ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ang_y = ys.flatten()[:, None].double() * inv_freq[None]
+    ang_x = xs.flatten()[:, None].double() * inv_freq[None]
+    ang = torch.cat([ang_y, ang_y, ang_x, ang_x], dim=-1)  # pairs (i, i + quarter) per axis
+    ang = torch.cat([torch.zeros(n_prefix, head_dim, dtype=torch.float64), ang], dim=0)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, N, Dh). Rotates channel pairs (i, i + Dh/4) within each axial half."""
+    q = x.shape[-1] // 4
+    a1, a2, b1, b2 = x.split(q, dim=-1)
+    rotated = torch.cat([-a2, a1, -b2, b1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RMS-normalised q and k (stable at large width) via SDPA."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x, keys/values from a context sequence (text states), with a padding mask."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, n, d = x.shape
+        m = context.shape[1]
+        q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).view(b, m, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn_mask = None if mask is None else mask[:, None, None, :].bool()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]

@@ -1,0 +1,118 @@
+"""Text-conditioned token generator: a transformer over [noisy token, K learnable tokens,
+time token] that cross-attends to a frozen text encoder's token states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from reptok_core.layers import MLP, Attention, CrossAttention, FourierTimeEmbedding
+
+
+@dataclass
+class TextGeneratorConfig:
+    token_dim: int = 768
+    text_dim: int = 384  # hidden size of the text encoder (MiniLM-L6: 384)
+    width: int = 1152
+    depth: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    num_learnable_tokens: int = 4
+    caption_dropout: float = 0.1
+
+
+def text_generator_tiny(**kw) -> TextGeneratorConfig:
+    return TextGeneratorConfig(
+        **{**dict(token_dim=32, width=64, depth=2, heads=2, num_learnable_tokens=2), **kw}
+    )
+
+
+def text_generator_small(**kw) -> TextGeneratorConfig:
+    return TextGeneratorConfig(**{**dict(token_dim=192, width=384, depth=6, heads=6), **kw})
+
+
+def text_generator_paper(**kw) -> TextGeneratorConfig:
+    return TextGeneratorConfig(**kw)
+
+
+TEXT_GENERATOR_PRESETS = {
+    "tiny": text_generator_tiny,
+    "small": text_generator_small,
+    "paper": text_generator_paper,
+}
+
+
+class TextBlock(nn.Module):
+    def __init__(self, width: int, text_dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.cross = CrossAttention(width, text_dim, heads)
+        self.norm3 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross(self.norm2(x), text, mask)
+        return x + self.mlp(self.norm3(x))
+
+
+class TextGenerator(nn.Module):
+    """v_θ(z_t, t | text states (B, L, E), mask (B, L) with 1 = real token)."""
+
+    def __init__(self, cfg: TextGeneratorConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.token_in = nn.Linear(cfg.token_dim, w)
+        self.learnable = nn.Parameter(torch.randn(1, cfg.num_learnable_tokens, w) * 0.02)
+        self.time_embed = FourierTimeEmbedding(w)
+        self.pos = nn.Parameter(torch.randn(1, cfg.num_learnable_tokens + 2, w) * 0.02)
+        # A learned "empty caption": what the model is conditioned on when the caption is dropped.
+        self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))
+        self.blocks = nn.ModuleList(
+            TextBlock(w, cfg.text_dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(w)
+        self.out = nn.Linear(w, cfg.token_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def null_condition(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.null_text.expand(batch, 1, -1), torch.ones(
+            batch, 1, dtype=torch.bool, device=device
+        )
+
+    def drop_captions(
+        self, text: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With probability caption_dropout a sample sees only the null text (for CFG)."""
+        b = text.shape[0]
+        drop = torch.rand(b, device=text.device) < self.cfg.caption_dropout
+        null = self.null_text.to(text.dtype).expand(b, text.shape[1], -1)
+        text = torch.where(drop[:, None, None], null, text)
+        first_only = torch.zeros_like(mask, dtype=torch.bool)
+        first_only[:, 0] = True
+        mask = torch.where(drop[:, None], first_only, mask.bool())
+        return text, mask
+
+    def forward(
+        self, z_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        b = z_t.shape[0]
+        h = torch.cat(
+            [
+                self.token_in(z_t)[:, None],
+                self.learnable.expand(b, -1, -1),
+                self.time_embed(t).to(z_t.dtype)[:, None],
+            ],
+            dim=1,
+        )
+        h = h + self.pos
+        text = text.to(h.dtype)
+        for block in self.blocks:
+            h = block(h, text, mask)
+        return self.out(self.norm(h[:, 0]))

@@ -1,0 +1,139 @@
+"""The RepTok tokenizer: SSL encoder (one token) + latent space + flow-matching decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from reptok_core import flow
+from reptok_core.decoder import DECODER_PRESETS, Decoder, DecoderConfig
+from reptok_core.encoder import ENCODER_PRESETS, EncoderConfig, SSLEncoder, cosine_loss
+from reptok_core.latent_space import LatentSpaceConfig, PixelSpace, build_latent_space
+
+
+@dataclass
+class TokenizerConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    latent: LatentSpaceConfig = field(default_factory=LatentSpaceConfig)
+    flow: flow.FlowConfig = field(default_factory=flow.FlowConfig)
+    image_size: int = 256
+
+
+def tokenizer_tiny() -> TokenizerConfig:
+    return TokenizerConfig(
+        encoder=ENCODER_PRESETS["tiny"](),
+        decoder=DECODER_PRESETS["tiny"](),
+        latent=LatentSpaceConfig(kind="pixel"),
+        image_size=16,
+    )
+
+
+def tokenizer_small() -> TokenizerConfig:
+    return TokenizerConfig(
+        encoder=ENCODER_PRESETS["small"](),
+        decoder=DECODER_PRESETS["small"](),
+        latent=LatentSpaceConfig(kind="pixel"),
+        image_size=32,
+    )
+
+
+def tokenizer_paper() -> TokenizerConfig:
+    return TokenizerConfig()
+
+
+TOKENIZER_PRESETS = {"tiny": tokenizer_tiny, "small": tokenizer_small, "paper": tokenizer_paper}
+
+
+class Tokenizer(nn.Module):
+    def __init__(
+        self,
+        cfg: TokenizerConfig,
+        latent_space: nn.Module | None = None,
+        encoder: SSLEncoder | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder if encoder is not None else SSLEncoder(cfg.encoder)
+        self.latent_space = (
+            latent_space if latent_space is not None else build_latent_space(cfg.latent)
+        )
+        if self.encoder.dim != cfg.decoder.token_dim:
+            raise ValueError(
+                f"encoder token dim {self.encoder.dim} != decoder.token_dim {cfg.decoder.token_dim}"
+            )
+        expected = cfg.image_size // self.latent_space.downsample
+        if (
+            cfg.decoder.input_size != expected
+            or cfg.decoder.in_channels != self.latent_space.channels
+        ):
+            raise ValueError(
+                f"decoder expects {cfg.decoder.in_channels}x{cfg.decoder.input_size}² latents but "
+                f"{cfg.image_size}px images give {self.latent_space.channels}x{expected}²"
+            )
+        self.decoder = Decoder(cfg.decoder)
+
+    @property
+    def token_dim(self) -> int:
+        return self.encoder.dim
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> tokens (B, D)."""
+        return self.encoder(images)
+
+    def loss(
+        self, images: torch.Tensor, latents: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Flow loss of the decoder given the image's own token, plus the cosine regulariser.
+
+        `latents` may be precomputed (the images Parquet's `vae_latent` column); otherwise the
+        latent space encodes the images here.
+        """
+        if latents is None:
+            latents = self.latent_space.encode(images)
+        z = self.encoder(images)
+        z_frozen = self.encoder.target(images)
+        flow_l = flow.flow_loss(lambda x, t: self.decoder(x, t, z), latents, self.cfg.flow)
+        cos_l = cosine_loss(z, z_frozen, self.cfg.encoder.cos_weight)
+        cos_sim = torch.nn.functional.cosine_similarity(
+            z.float().detach(), z_frozen.float(), dim=-1
+        ).mean()
+        return {"flow": flow_l, "cos": cos_l, "total": flow_l + cos_l, "cos_sim": cos_sim}
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.cfg.decoder.input_size
+        return (self.cfg.decoder.in_channels, s, s)
+
+    @torch.no_grad()
+    def decode(
+        self, tokens: torch.Tensor, steps: int = 50, seed: int | None = 0, method: str = "euler"
+    ) -> torch.Tensor:
+        """Tokens (B, D) -> images in [-1, 1]; the same seed gives the same images."""
+        gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn((tokens.shape[0], *self.latent_shape()), generator=gen).to(
+            tokens.device
+        )
+        noise = noise.to(next(self.decoder.parameters()).dtype)
+        latents = flow.sample(lambda x, t: self.decoder(x, t, tokens), noise, steps, method)
+        return self.latent_space.decode(latents)
+
+    @torch.no_grad()
+    def reconstruct(
+        self, images: torch.Tensor, steps: int = 50, seed: int | None = 0
+    ) -> torch.Tensor:
+        return self.decode(self.encode(images), steps=steps, seed=seed)
+
+    @torch.no_grad()
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+        """n tokens on the straight line from token a (D,) to token b (D,), ends included."""
+        w = torch.linspace(0, 1, n, device=a.device, dtype=a.dtype)[:, None]
+        return (1 - w) * a[None] + w * b[None]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def is_pixel_space(tok: Tokenizer) -> bool:
+    return isinstance(tok.latent_space, PixelSpace)

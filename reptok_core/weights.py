@@ -1,0 +1,30 @@
+"""Reading tensors from files or s3:// URIs: safetensors preferred, torch.load otherwise,
+always with `weights_only=True` so a checkpoint can never run code when it is opened."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+
+from reptok_core.storage import read_bytes
+
+
+def load_state_dict_file(uri: str) -> dict[str, torch.Tensor]:
+    data = read_bytes(uri)
+    if uri.endswith(".safetensors"):
+        return load_safetensors_bytes(data)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{uri!r} is neither safetensors nor a weights-only torch file: {e}"
+        ) from None
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{uri!r} does not hold a flat dict of tensors")
+    return obj

@@ -1,0 +1,141 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from reptok_core.decoder import Decoder, decoder_tiny
+from reptok_core.latent_space import SDVAESpace
+from reptok_core.layers import apply_rope, rope_2d
+from reptok_core.mixer import MixerGenerator, mixer_tiny
+from reptok_core.text_generator import TextGenerator, text_generator_tiny
+from reptok_core.token_stats import RunningStats, TokenNormalizer
+from reptok_core.tokenizer import Tokenizer, tokenizer_tiny
+
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=[8, 16],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=32,
+)
+
+
+def test_decoder_output_has_latent_shape_and_starts_at_zero():
+    dec = Decoder(decoder_tiny())
+    x = torch.randn(3, 3, 16, 16)
+    out = dec(x, torch.rand(3), torch.randn(3, 32))
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0  # zero-init head: the untrained decoder predicts v = 0
+
+
+def test_decoder_uses_the_token():
+    torch.manual_seed(0)
+    dec = Decoder(decoder_tiny())
+    for p in dec.parameters():  # leave the zero-init: make every weight non-trivial
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    assert not torch.allclose(dec(x, t, torch.randn(2, 32)), dec(x, t, torch.randn(2, 32)))
+
+
+def test_rope_scores_depend_only_on_relative_offset():
+    cos, sin = rope_2d(grid=4, head_dim=8, n_prefix=1)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(i: int, j: int) -> float:
+        qi = apply_rope(q.view(1, 1, 1, 8).expand(1, 1, 17, 8), cos, sin)[0, 0, i]
+        kj = apply_rope(k.view(1, 1, 1, 8).expand(1, 1, 17, 8), cos, sin)[0, 0, j]
+        return float(qi @ kj)
+
+    # grid positions are 1 + row * 4 + col; (0,0)->(1,1) and (2,2)->(3,3) have the same offset
+    assert abs(score(1, 6) - score(11, 16)) < 1e-4
+    assert abs(score(1, 6) - score(1, 7)) > 1e-4
+    assert torch.equal(cos[0], torch.ones(8)) and torch.equal(
+        sin[0], torch.zeros(8)
+    )  # prefix: no rotation
+
+
+def test_tokenizer_loss_decode_reconstruct_interpolate():
+    torch.manual_seed(0)
+    tok = Tokenizer(tokenizer_tiny())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    losses = tok.loss(x)
+    assert set(losses) == {"flow", "cos", "total", "cos_sim"}
+    assert torch.isclose(losses["total"], losses["flow"] + losses["cos"])
+    z = tok.encode(x)
+    assert z.shape == (2, 32)
+    a, b = tok.decode(z, steps=3, seed=5), tok.decode(z, steps=3, seed=5)
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert tok.reconstruct(x, steps=2).shape == x.shape
+    path = tok.interpolate(z[0], z[1], 5)
+    assert (
+        path.shape == (5, 32) and torch.allclose(path[0], z[0]) and torch.allclose(path[-1], z[1])
+    )
+
+
+def test_tokenizer_rejects_mismatched_sizes():
+    cfg = tokenizer_tiny()
+    cfg.decoder.input_size = 8
+    with pytest.raises(ValueError, match="latents"):
+        Tokenizer(cfg)
+
+
+def test_sd_vae_space_on_a_tiny_random_vae():
+    torch.manual_seed(0)
+    vae = SDVAESpace.from_config(TINY_VAE, scaling_factor=0.5, sample=False)
+    assert vae.channels == 4 and vae.downsample == 2
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    lat = vae.encode(x)
+    assert lat.shape == (2, 4, 16, 16)
+    raw = vae.vae.encode(x).latent_dist.mean
+    assert torch.allclose(lat, raw * 0.5)
+    out = vae.decode(lat)
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+
+
+def test_mixer_generator_shapes_and_label_dropout():
+    torch.manual_seed(0)
+    gen = MixerGenerator(mixer_tiny(class_dropout=0.5))
+    z = torch.randn(4, 32)
+    y = torch.tensor([0, 1, 2, 10])  # 10 = null class
+    assert gen(z, torch.rand(4), y).shape == (4, 32)
+    dropped = gen.drop_labels(torch.zeros(10_000, dtype=torch.long))
+    frac = (dropped == gen.null_class).float().mean().item()
+    assert 0.45 < frac < 0.55
+
+
+def test_text_generator_shapes_and_caption_dropout():
+    torch.manual_seed(0)
+    gen = TextGenerator(text_generator_tiny(text_dim=16, caption_dropout=1.0))
+    text, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
+    assert gen(torch.randn(3, 32), torch.rand(3), text, mask).shape == (3, 32)
+    dt, dm = gen.drop_captions(text, mask)
+    assert dm.sum().item() == 3 and torch.equal(dt, gen.null_text.expand(3, 5, -1))
+
+
+def test_token_normalizer_and_running_stats():
+    x = torch.randn(1000, 6) * 3 + 2
+    stats = RunningStats(6)
+    for chunk in x.split(137):
+        stats.update(chunk)
+    assert torch.allclose(stats.mean.float(), x.mean(0), atol=1e-5)
+    assert torch.allclose(stats.std.float(), x.std(0), atol=1e-4)
+    norm = TokenNormalizer(stats.mean, stats.std)
+    assert torch.allclose(norm.denormalize(norm.normalize(x)), x, atol=1e-4)
+
+
+def test_core_never_imports_ray_or_mlflow():
+    code = (
+        "import pkgutil, importlib, sys, reptok_core\n"
+        "for m in pkgutil.iter_modules(reptok_core.__path__):\n"
+        "    importlib.import_module('reptok_core.' + m.name)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
