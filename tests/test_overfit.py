@@ -1,0 +1,49 @@
+"""A tiny tokenizer overfits 8 real Fashion-MNIST images through the shared training step.
+
+Measured (CPU, seed 0): PSNR 5.6 dB at init -> ~9.1 dB after 450 steps; the assert leaves margin.
+"""
+
+import numpy as np
+import torch
+
+from reptok_core.builtin_datasets import load_fashion_mnist
+from reptok_core.images import prepare_array
+from reptok_core.metrics import psnr
+from reptok_core.tokenizer import tokenizer_tiny
+from reptok_core.tokenizer_task import TokenizerTask
+from reptok_core.training import EMA, OptimConfig, build_optimizer, train_step
+
+
+def test_tiny_tokenizer_overfits_eight_images():
+    torch.manual_seed(0)
+    pixels, _ = load_fashion_mnist("train")
+    images = np.stack([prepare_array(p, 16) for p in pixels[:8]])
+    batch = {"image": torch.from_numpy(images)}
+    cfg = tokenizer_tiny()
+    cfg.decoder.depth = 3
+    task = TokenizerTask(cfg, torch.device("cpu"))
+    x = task.inputs(batch, flip=False)[0]
+
+    def recon_psnr() -> float:
+        return psnr(task.model.reconstruct(x, steps=10, seed=0), x).mean().item()
+
+    before = recon_psnr()
+    ocfg = OptimConfig(lr=3e-3, warmup_steps=0, grad_clip=1.0)
+    opt = build_optimizer(task.model.parameters(), ocfg, torch.device("cpu"))
+    ema = EMA(task.model, 0.9)
+    losses = []
+    for _ in range(450):
+        out = train_step(
+            task.model,
+            opt,
+            lambda: task.loss(batch, flip=False),
+            lr=ocfg.lr,
+            grad_clip=ocfg.grad_clip,
+            device=torch.device("cpu"),
+            precision="fp32",
+            ema=ema,
+        )
+        losses.append(out["flow"].item())
+    after = recon_psnr()
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    assert after > before + 3.0, (before, after)
