@@ -155,7 +155,10 @@ class PrepareConfig:
     s3: S3Config = section(S3Config, "S3 access, for inputs and outputs")
     executor: str = opt("ray", "'ray' (Ray Data, honours RAY_ADDRESS) or 'inline' (this process)")
     batch_size: int = opt(64, "images decoded/encoded together inside a shard task")
-    task_retries: int = opt(3, "retries of a shard task that raised (a failed S3 write, say); lost workers are retried by Ray")
+    task_retries: int = opt(
+        3,
+        "retries of a shard task that raised (a failed S3 write, say); lost workers are retried by Ray",
+    )
     progress_s: float = opt(10.0, "seconds between progress lines")
 
 
@@ -897,9 +900,7 @@ def _run_ray(todo: list[dict], ctx: dict, cfg: PrepareConfig):
             **common,
         )
     else:
-        ds = ds.map_batches(
-            _shard_task, fn_kwargs={"ctx": ctx}, num_cpus=1, **common
-        )
+        ds = ds.map_batches(_shard_task, fn_kwargs={"ctx": ctx}, num_cpus=1, **common)
     for row in ds.iter_rows():
         yield json.loads(row["summary"])
 

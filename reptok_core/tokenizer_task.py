@@ -60,6 +60,9 @@ class TokenizerTask:
         dec = self.model.decoder
         shard_blocks(self.model, dec.blocks, dec, bf16_params)
 
+    def blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.decoder.blocks)
+
     def inputs(self, batch: dict[str, Any], flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         images = images_from_uint8(batch["image"], self.device)
         if images.shape[-1] != self.cfg.image_size:

@@ -1,0 +1,117 @@
+"""Stage 1: train the RepTok tokenizer ([cls] embedding + projection + decoder) on Ray Train.
+
+    python pipelines/train_tokenizer.py --config configs/tokenizer/tiny.yaml data.train=... run.name=...
+    ray job submit --working-dir . -- python pipelines/train_tokenizer.py --config configs/tokenizer/paper.yaml ...
+
+Re-running the same command (same run.name and run.storage) resumes from the last checkpoint
+and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines import common, image_data, train_loop  # noqa: E402
+from reptok_core import storage  # noqa: E402
+from reptok_core.config import opt, section  # noqa: E402
+from reptok_core.tokenizer import TokenizerConfig  # noqa: E402
+from reptok_core.training import OptimConfig  # noqa: E402
+
+
+@dataclass
+class DataSettings:
+    train: str = opt("", "images Parquet prefix to train on (output of prepare_data)")
+    val: str = opt("", "held-out images Parquet for evaluation ('' = the first rows of data.train)")
+
+
+@dataclass
+class TrainTokenizerConfig:
+    model: TokenizerConfig = section(
+        TokenizerConfig, "the tokenizer (encoder, decoder, latent space, flow)"
+    )
+    data: DataSettings = section(DataSettings, "input data")
+    loop: train_loop.LoopConfig = section(train_loop.LoopConfig, "training loop")
+    optim: OptimConfig = section(OptimConfig, "optimizer, schedule, clipping, EMA")
+    run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
+
+
+def export_uri(cfg: TrainTokenizerConfig) -> str:
+    return storage.join(common.run_dir(cfg.run), "export")
+
+
+def main(argv: list[str] | None = None) -> str:
+    cfg = common.parse_cli(TrainTokenizerConfig, argv, __doc__)
+    if not cfg.data.train:
+        raise SystemExit(
+            "error: data.train is required (an images Parquet prefix from prepare_data)"
+        )
+    common.init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
+    run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="tokenizer")
+    tracking_uri = common.mlflow_uri(cfg.run)
+    eval_batch = image_data.heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
+    train_ds = image_data.train_dataset(cfg.data.train)
+    out_uri = export_uri(cfg)
+    run_dir = common.run_dir(cfg.run)
+
+    def train_fn(_: dict) -> None:
+        from reptok_core.tokenizer_task import TokenizerTask, export_tokenizer
+
+        train_loop.run(
+            lambda device: TokenizerTask(cfg.model, device),
+            cfg.loop,
+            cfg.optim,
+            eval_batch=eval_batch,
+            run_id=run_id,
+            tracking_uri=tracking_uri,
+            export_fn=lambda state: export_tokenizer(
+                state, cfg.model, out_uri, {"mlflow_run_id": run_id}
+            ),
+            run_dir=run_dir,
+        )
+
+    storage_path, storage_fs = common.ray_storage(cfg.run)
+    trainer = TorchTrainer(
+        train_fn,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_ds},
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        common.finish_mlflow_run(cfg.run, run_id, "FAILED")
+        raise
+    if cfg.loop.stop_at_step and cfg.loop.stop_at_step < cfg.loop.steps:
+        print(f"[train_tokenizer] stopped at step {cfg.loop.stop_at_step}; run again to continue")
+        return run_id
+    version = common.register_export(cfg.run, run_id, out_uri, "tokenizer")
+    common.finish_mlflow_run(cfg.run, run_id)
+    print(f"[train_tokenizer] export: {out_uri}")
+    print(
+        f"[train_tokenizer] MLflow run {run_id}"
+        + (f", registered {cfg.run.register_as} v{version}" if version else "")
+    )
+    return run_id
+
+
+if __name__ == "__main__":
+    main()
