@@ -699,17 +699,27 @@ class ShardWriter:
         return self.files
 
 
-def encode_vae_latents(images_uint8: np.ndarray, latent_space: Any) -> np.ndarray:
-    """(B,H,W,3) uint8 -> float32 latents as returned by SDVAELatentSpace.encode."""
+def load_vae(model: str) -> Any:
+    """The frozen SD-VAE latent space (reptok_core.latent_space), on the GPU when there is one.
+
+    Latents are the posterior mean, not a sample, so re-running a shard writes identical bytes
+    (idempotence) and training can add its own noise; they are scaled by the VAE's factor.
+    """
     import torch
 
-    x = (
-        torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 127.5
-        - 1.0
-    )
-    device = getattr(latent_space, "device", None) or (
-        "cuda" if torch.cuda.is_available() else "cpu"
-    )
+    from reptok_core.latent_space import SDVAESpace  # lazy: diffusers is heavy
+
+    space = SDVAESpace.from_pretrained(model, sample=False)
+    return space.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def encode_vae_latents(images_uint8: np.ndarray, latent_space: Any) -> np.ndarray:
+    """(B,H,W,3) uint8 -> float32 (B,C,H/8,W/8) latents from `latent_space.encode`."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2)
+    x = x.float() / 127.5 - 1.0
+    device = next(latent_space.parameters()).device
     with torch.no_grad():
         z = latent_space.encode(x.to(device))
     return z.float().cpu().numpy()
@@ -843,14 +853,8 @@ class _VAEShardActor:
     """Same as _shard_task, in an actor that loads the SD-VAE once."""
 
     def __init__(self, ctx: dict) -> None:
-        import torch
-
-        from reptok_core.latent_space import SDVAELatentSpace  # lazy: diffusers is heavy
-
         self.ctx = ctx
-        self.space = SDVAELatentSpace(ctx["vae_model"])
-        if hasattr(self.space, "to"):
-            self.space = self.space.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.space = load_vae(ctx["vae_model"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         summaries = [
@@ -873,8 +877,9 @@ _S3_ENV = (
 def _run_ray(todo: list[dict], ctx: dict, cfg: PrepareConfig):
     import ray
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS -> join that cluster; otherwise start a local one
+    from pipelines.common import init_ray
+
+    init_ray()  # RAY_ADDRESS -> join that cluster; otherwise start a local one
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # ours print rows/s and ETA
     # A shard rewrites the same files under the same names, so retrying any failure (a flaky
@@ -906,11 +911,7 @@ def _run_ray(todo: list[dict], ctx: dict, cfg: PrepareConfig):
 
 
 def _run_inline(todo: list[dict], ctx: dict, cfg: PrepareConfig):
-    space = None
-    if ctx["vae_model"]:
-        from reptok_core.latent_space import SDVAELatentSpace
-
-        space = SDVAELatentSpace(ctx["vae_model"])
+    space = load_vae(ctx["vae_model"]) if ctx["vae_model"] else None
     for shard in todo:
         yield process_shard(shard, ctx, space)
 
@@ -1148,7 +1149,15 @@ def run(cfg: PrepareConfig) -> dict:
         "splits": splits,
         "files": [f["path"] for f in files],
         "rejects_files": sorted(k for k in keep if k.startswith("rejects/")),
-        "vae_latent": {"model": cfg.vae.model, "shape": latent_shape} if latent_shape else None,
+        "vae_latent": (
+            {
+                "model": cfg.vae.model,
+                "shape": latent_shape,
+                "kind": "posterior mean x scaling factor",
+            }
+            if latent_shape
+            else None
+        ),
         "config": _redacted(cfg),
         "run": {
             "shards": len(shards),

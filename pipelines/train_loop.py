@@ -4,6 +4,11 @@ A *task* (reptok_core.tokenizer_task.TokenizerTask, reptok_core.generator_task..
 model and what a batch means; this loop supplies everything around it: FSDP2, optimizer and
 EMA, sharded checkpoints with resume, data position, MLflow logging from rank 0, evaluation,
 sample grids, progress, and the final consolidated export of the EMA weights.
+
+Data reaches the loop either as the Ray Dataset shard "train" (streamed, the default) or, with
+`local_batches=True`, from the task itself: `task.epoch_batches(epoch, batch_size, seed)` yields
+this rank's batches of one epoch from data the task holds in memory (stage 2's token set). Either
+way an epoch's batch order must depend only on (seed, epoch, rank), so resume can skip batches.
 """
 
 from __future__ import annotations
@@ -182,6 +187,7 @@ def run(
     tracking_uri: str,
     export_fn: Callable[[dict[str, torch.Tensor]], None],
     run_dir: str,
+    local_batches: bool = False,
 ) -> None:
     """The body of TorchTrainer's train_loop_per_worker."""
     import ray.train
@@ -213,9 +219,11 @@ def run(
             flush=True,
         )
 
-    shard = ray.train.get_dataset_shard("train")
+    shard = None if local_batches else ray.train.get_dataset_shard("train")
 
     def epoch_iter(epoch: int) -> Iterator[dict]:
+        if shard is None:
+            return task.epoch_batches(epoch, loop.batch_size, loop.seed)
         return shard.iter_torch_batches(
             batch_size=loop.batch_size,
             drop_last=True,
@@ -271,7 +279,8 @@ def run(
                 metrics, grid = task.evaluate(eval_batch, steps=loop.sample_steps)
             model.train()
             log.metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
-            log.image(grid, "samples", step)
+            if grid is not None:  # tasks without a decoder at hand have no pictures
+                log.image(grid, "samples", step)
             if rank == 0:
                 print(
                     f"[eval] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),

@@ -97,3 +97,52 @@ def fashion_parquet(tmp_path_factory):
         pq.write_table(pa.Table.from_pylist(rows), root / split / "part-0.parquet")
     assert np.all(labels[:128] >= 0)
     return root
+
+
+@pytest.fixture(scope="session")
+def captioned_parquet(tmp_path_factory):
+    """48 Fashion-MNIST images (classes 0 and 1) at 16 px in 6 files, with repeating captions
+    (6 distinct): an images Parquet for encode_latents / train_generator tests."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reptok_core.builtin_datasets import load_fashion_mnist
+    from reptok_core.images import encode_image, prepare_array
+
+    root = tmp_path_factory.mktemp("captioned16")
+    pixels, labels = load_fashion_mnist("train")
+    names = ["t-shirt", "trouser"]
+    picks = [i for i in range(len(labels)) if labels[i] in (0, 1)][:48]
+    rows = [
+        dict(
+            id=f"fm-{i:05d}",
+            image=encode_image(prepare_array(pixels[i], 16)),
+            height=16,
+            width=16,
+            label=int(labels[i]),
+            caption=f"a {names[labels[i]]}, style {k % 3}",
+            source="fashion-mnist",
+        )
+        for k, i in enumerate(picks)
+    ]
+    for f in range(6):
+        pq.write_table(pa.Table.from_pylist(rows[f * 8 : (f + 1) * 8]), root / f"part-{f}.parquet")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_export(tmp_path_factory):
+    """A randomly initialised `tiny` tokenizer (configs/tokenizer/tiny.yaml), exported."""
+    import torch
+
+    from pipelines.train_tokenizer import TrainTokenizerConfig
+    from reptok_core.config import load_config
+    from reptok_core.tokenizer import Tokenizer
+    from reptok_core.tokenizer_task import export_tokenizer
+
+    cfg = load_config(TrainTokenizerConfig, "configs/tokenizer/tiny.yaml").model
+    uri = str(tmp_path_factory.mktemp("tokenizer") / "export")
+    torch.manual_seed(0)
+    # A made-up run id: encode_latents copies it into its lineage tag and manifest.
+    export_tokenizer(Tokenizer(cfg).state_dict(), cfg, uri, {"mlflow_run_id": "tok-run-0"})
+    return uri

@@ -575,3 +575,34 @@ def test_kill_and_rerun_ends_with_exact_ids(tmp_path, ray_cluster):
     assert len(ids) == len(expected) == 4000 and set(ids) == expected
     assert man["rows"] == 4000 and man["run"]["shards_skipped"] >= done_before
     assert len(list((out / "_shards").glob("*.json"))) == 40
+
+
+def test_vae_latent_column_with_a_tiny_vae(tmp_path):
+    """The optional vae_latent column, with a tiny random AutoencoderKL saved like a hub model."""
+    from diffusers import AutoencoderKL
+
+    from reptok_core.latent_space import SDVAESpace
+
+    tiny = dict(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                latent_channels=4, sample_size=16)  # fmt: skip
+    AutoencoderKL(**tiny).save_pretrained(tmp_path / "vae")
+    out = tmp_path / "out"
+    args = ["executor=inline", "source.kind=fashion-mnist", "source.split=test", "source.limit=6"]
+    man = pdata.run(
+        cfg_of(
+            *args,
+            "image.resolution=16",
+            "vae.enabled=true",
+            f"vae.model={tmp_path / 'vae'}",
+            f"output.uri={out}",
+        )
+    )
+    rows = read_rows(str(out))
+    assert man["vae_latent"]["shape"] == [4, 8, 8]
+    assert rows.schema.field("vae_latent").type == pa.list_(pa.float32(), 256)
+    space = SDVAESpace.from_pretrained(str(tmp_path / "vae"), sample=False)
+    r = rows.slice(0, 1).to_pylist()[0]
+    x = decode_rgb(r["image"])[None]
+    expected = pdata.encode_vae_latents(x, space).ravel()
+    np.testing.assert_allclose(np.asarray(r["vae_latent"]), expected, rtol=1e-4, atol=1e-5)

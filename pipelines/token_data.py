@@ -1,0 +1,150 @@
+"""The token Parquet (DESIGN §3): layout, writing one part, reading it back, caption cache.
+
+    <prefix>/part-00000-<fp>.parquet   id, label, caption, token: fixed_size_list<float32>[D]
+                                       (+ token_flip, the mirrored image's token, when asked)
+    <prefix>/_parts/<part>.json        per-part completion marker with its (n, mean, M2) stats
+    <prefix>/_captions/                caption states: captions.json + captions.safetensors
+    <prefix>/_manifest.json            written last: tokenizer, D, mean, std, rows, parts
+
+Readers trust only the parts the manifest lists, so leftovers of a killed run are never read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from reptok_core import storage
+from reptok_core.token_stats import TokenNormalizer
+
+MANIFEST = "_manifest.json"
+PARTS_DIR = "_parts"
+CAPTIONS_DIR = "_captions"
+
+
+def token_schema(dim: int, flip: bool) -> pa.Schema:
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("label", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("token", pa.list_(pa.float32(), dim), nullable=False),
+    ]
+    if flip:
+        fields.append(pa.field("token_flip", pa.list_(pa.float32(), dim), nullable=False))
+    return pa.schema(fields)
+
+
+def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def tokens_table(
+    ids: list[str],
+    labels: list[int | None],
+    captions: list[str | None],
+    tokens: np.ndarray,
+    flipped: np.ndarray | None = None,
+) -> pa.Table:
+    cols = [
+        pa.array(ids, pa.string()),
+        pa.array(labels, pa.int32()),
+        pa.array(captions, pa.string()),
+        _fixed_list(tokens),
+    ]
+    if flipped is not None:
+        cols.append(_fixed_list(flipped))
+    return pa.Table.from_arrays(cols, schema=token_schema(tokens.shape[1], flipped is not None))
+
+
+def write_table_atomic(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    path = storage.join(uri, MANIFEST)
+    if not storage.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: {uri!r} is not a finished token Parquet (run encode_latents)"
+        )
+    return json.loads(storage.read_bytes(path))
+
+
+def normalizer_from_manifest(manifest: dict[str, Any]) -> TokenNormalizer:
+    return TokenNormalizer(torch.tensor(manifest["mean"]), torch.tensor(manifest["std"]))
+
+
+def _matrix(col: pa.ChunkedArray, dim: int) -> np.ndarray:
+    flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else []
+    return np.asarray(flat, dtype=np.float32).reshape(-1, dim)
+
+
+def load_tokens(uri: str, limit: int = 0) -> dict[str, Any]:
+    """The manifest's parts as arrays: id, label (int64, -1 = none), caption, token (N, D)
+    [, token_flip]; rows sorted by id so every reader sees the same order. `limit` keeps the first
+    rows (by id) only."""
+    manifest = read_manifest(uri)
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, p)))) for p in manifest["parts"]]
+    table = pa.concat_tables(tables).sort_by("id") if tables else None
+    if table is None or table.num_rows == 0:
+        raise ValueError(f"token Parquet {uri!r} has no rows")
+    if limit:
+        table = table.slice(0, limit)
+    dim = manifest["dim"]
+    out: dict[str, Any] = {
+        "id": table.column("id").to_pylist(),
+        "label": np.asarray(table.column("label").fill_null(-1), dtype=np.int64),
+        "caption": table.column("caption").to_pylist(),
+        "token": _matrix(table.column("token"), dim),
+    }
+    if "token_flip" in table.column_names:
+        out["token_flip"] = _matrix(table.column("token_flip"), dim)
+    return out
+
+
+def write_caption_cache(
+    uri: str, captions: list[str], states: torch.Tensor, mask: torch.Tensor, encoder: str
+) -> None:
+    """States are trimmed to the longest real caption and kept in fp16 (they only condition)."""
+    length = max(int(mask.sum(1).max()), 1)
+    tensors = {
+        "states": states[:, :length].to(torch.float16).contiguous().cpu(),
+        "mask": mask[:, :length].to(torch.uint8).contiguous().cpu(),
+    }
+    folder = storage.join(uri, CAPTIONS_DIR)
+    storage.write_bytes_atomic(storage.join(folder, "captions.safetensors"), save_safetensors_bytes(tensors))
+    meta = {"encoder": encoder, "dim": int(states.shape[-1]), "length": length, "captions": captions}
+    # The JSON is the cache's completion marker: written after the tensors.
+    storage.write_bytes_atomic(storage.join(folder, "captions.json"), json.dumps(meta).encode())
+
+
+def read_caption_cache(uri: str) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor] | None:
+    """(meta with 'captions' and 'encoder', states (U, L, E) fp16, mask (U, L) bool) or None."""
+    folder = storage.join(uri, CAPTIONS_DIR)
+    if not storage.exists(storage.join(folder, "captions.json")):
+        return None
+    meta = json.loads(storage.read_bytes(storage.join(folder, "captions.json")))
+    tensors = load_safetensors_bytes(storage.read_bytes(storage.join(folder, "captions.safetensors")))
+    return meta, tensors["states"], tensors["mask"].bool()
+
+
+def caption_index(captions: list[str | None], cached: list[str]) -> np.ndarray:
+    """Row of each caption in the cache; a missing or empty caption is an error naming it."""
+    where = {c: i for i, c in enumerate(cached)}
+    missing = [c for c in captions if c not in where]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} rows have no cached caption state (e.g. {missing[0]!r}); "
+            "text generators need a caption on every row: re-run encode_latents with text_encoder set"
+        )
+    return np.asarray([where[c] for c in captions], dtype=np.int64)

@@ -1,0 +1,299 @@
+"""Stage 2 as a training task: token batches -> flow loss, evaluation, export, loading, sampling.
+
+Pure PyTorch; the Ray pipeline (`pipelines/train_generator.py`), benchmarks and Serve use it.
+
+Public API used by Serve and evaluation:
+
+    gen = load_generator(uri)                 # folder written by export_generator (local or s3://)
+    gen.model, gen.normalizer, gen.cfg        # nn.Module (eval), TokenNormalizer, GeneratorConfig
+    gen.text_encoder                          # name of the caption encoder (kind == "text")
+    tokens = sample_tokens(gen.model, gen.normalizer, labels=torch.tensor([3, 7]),
+                           scale=1.5, interval=(0.3, 0.9), steps=50, seed=0)
+    tokens = sample_tokens(gen.model, gen.normalizer, text=TextEncoder(gen.text_encoder)(captions))
+    images = tokenizer.decode(tokens)         # stage-1 decoder (reptok_core.tokenizer_task.load_tokenizer)
+
+`sample_tokens` returns DENORMALISED tokens (B, D), i.e. in the tokenizer's own token space.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from reptok_core import flow
+from reptok_core.config import from_dict, opt, section, to_dict
+from reptok_core.distributed import shard_blocks, world
+from reptok_core.mixer import MIXER_PRESETS, MixerConfig, MixerGenerator
+from reptok_core.text_generator import (
+    TEXT_GENERATOR_PRESETS,
+    TextGenerator,
+    TextGeneratorConfig,
+)
+from reptok_core.token_stats import TokenNormalizer
+
+EXPORT_WEIGHTS = "generator.safetensors"
+EXPORT_CONFIG = "generator.json"
+KINDS = ("class", "text")
+
+
+@dataclass
+class GeneratorConfig:
+    kind: str = opt("class", "'class' (MLP-Mixer over class labels) or 'text' (caption-conditioned)")
+    mixer: MixerConfig = section(MixerConfig, "class-conditional MLP-Mixer (kind=class)")
+    text: TextGeneratorConfig = section(TextGeneratorConfig, "text-conditioned model (kind=text)")
+    flow: flow.FlowConfig = section(flow.FlowConfig, "training-time t distribution")
+    cfg_scale: float = opt(1.5, "classifier-free guidance scale for evaluation samples (1 = off)")
+    cfg_interval: list[float] = opt([0.3, 0.9], "t-interval [lo, hi] where CFG is applied")
+
+
+def generator_preset(name: str, kind: str = "class") -> GeneratorConfig:
+    """`tiny`, `small` or `paper` sizes of the class- or text-conditioned generator."""
+    if name not in MIXER_PRESETS:
+        raise ValueError(f"unknown generator preset {name!r}; expected one of {list(MIXER_PRESETS)}")
+    return GeneratorConfig(
+        kind=kind, mixer=MIXER_PRESETS[name](), text=TEXT_GENERATOR_PRESETS[name]()
+    )
+
+
+def build_model(cfg: GeneratorConfig) -> torch.nn.Module:
+    if cfg.kind == "class":
+        return MixerGenerator(cfg.mixer)
+    if cfg.kind == "text":
+        return TextGenerator(cfg.text)
+    raise ValueError(f"generator kind {cfg.kind!r}; expected one of {KINDS}")
+
+
+def token_dim(cfg: GeneratorConfig) -> int:
+    return cfg.mixer.token_dim if cfg.kind == "class" else cfg.text.token_dim
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: torch.nn.Module,
+    normalizer: TokenNormalizer,
+    *,
+    labels: torch.Tensor | None = None,
+    text: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
+    steps: int = 50,
+    seed: int | None = 0,
+    method: str = "euler",
+) -> torch.Tensor:
+    """Generate one token per condition; returns denormalised tokens (B, D).
+
+    Give `labels` (B,) for a MixerGenerator (use `model.null_class` for unconditional samples)
+    or `text=(states (B, L, E), mask (B, L))` for a TextGenerator. CFG with `scale` is applied
+    only for t in `interval` (the paper: 1.5 on [0.3, 0.9]). The same seed gives the same tokens.
+    """
+    p = next(model.parameters())
+    device = p.device
+    if (labels is None) == (text is None):
+        raise ValueError("sample_tokens needs exactly one of labels= or text=")
+    if labels is not None:
+        y = torch.as_tensor(labels, device=device).long()
+        b = y.shape[0]
+        null = torch.full_like(y, model.null_class)
+
+        def cond(x, t):
+            return model(x, t, y)
+
+        def uncond(x, t):
+            return model(x, t, null)
+    else:
+        states, mask = (v.to(device) for v in text)
+        b = states.shape[0]
+        null_states, null_mask = model.null_condition(b, device)
+
+        def cond(x, t):
+            return model(x, t, states, mask)
+
+        def uncond(x, t):
+            return model(x, t, null_states, null_mask)
+
+    dim = normalizer.mean.numel()
+    gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn((b, dim), generator=gen).to(device, p.dtype)
+    velocity = flow.guided_velocity(cond, uncond, scale, tuple(interval))
+    z = flow.sample(velocity, noise, steps, method)
+    return normalizer.to(device).denormalize(z.float())
+
+
+class GeneratorTask:
+    """Model + normaliser + (optionally) the whole training set in memory and a decoder for grids.
+
+    Batches hold `token` (B, D) raw tokens, optionally `token_flip` (tokens of the mirrored
+    images), and `label` (B,) or `caption_idx` (B,) into `captions` = (states (U, L, E), mask).
+    """
+
+    def __init__(
+        self,
+        cfg: GeneratorConfig,
+        normalizer: TokenNormalizer,
+        device: torch.device,
+        *,
+        data: dict[str, torch.Tensor] | None = None,
+        captions: tuple[torch.Tensor, torch.Tensor] | None = None,
+        decoder: Any = None,
+    ):
+        if cfg.kind == "text" and captions is None:
+            raise ValueError("a text generator needs the caption cache (captions=(states, mask))")
+        self.cfg = cfg
+        self.device = device
+        self.model = build_model(cfg).to(device)
+        self.normalizer = normalizer.to(device)
+        self.data = data
+        # Caption states stay on the device once: stage 2 never runs the text encoder per step.
+        self.captions = None if captions is None else tuple(c.to(device) for c in captions)
+        self.decoder = decoder
+
+    def shard(self, bf16_params: bool = False) -> None:
+        shard_blocks(self.model, self.model.blocks, self.model, bf16_params)
+
+    def blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.blocks)
+
+    def epoch_batches(self, epoch: int, batch_size: int, seed: int):
+        """This rank's batches of one epoch from the in-memory set: a (seed, epoch) permutation
+        split across ranks, so a resumed run can skip exactly the batches already seen."""
+        if self.data is None:
+            raise ValueError("GeneratorTask was built without in-memory data")
+        rank, world_size = world()
+        n = self.data["token"].shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        mine = order[rank::world_size]
+        if mine.numel() < batch_size:
+            raise ValueError(
+                f"{n} tokens over {world_size} workers is fewer than one batch of {batch_size}"
+            )
+        for i in range(mine.numel() // batch_size):
+            idx = mine[i * batch_size : (i + 1) * batch_size]
+            yield {k: v[idx] for k, v in self.data.items()}
+
+    def _tokens(self, batch: dict[str, Any], flip: bool) -> torch.Tensor:
+        z = torch.as_tensor(batch["token"]).to(self.device).float()
+        if flip and "token_flip" in batch:
+            # Mirrored images are the stage-1 augmentation; here it is a per-sample token swap.
+            zf = torch.as_tensor(batch["token_flip"]).to(self.device).float()
+            pick = torch.rand(z.shape[0], device=self.device) < 0.5
+            z = torch.where(pick[:, None], zf, z)
+        return self.normalizer.normalize(z)
+
+    def _condition(self, batch: dict[str, Any], drop: bool):
+        """Returns a function (x, t) -> v conditioned on the batch (with CFG dropout if `drop`)."""
+        if self.cfg.kind == "class":
+            y = torch.as_tensor(batch["label"]).to(self.device).long()
+            if drop:
+                y = self.model.drop_labels(y)
+            return lambda x, t: self.model(x, t, y)
+        idx = torch.as_tensor(batch["caption_idx"]).to(self.device).long()
+        states, mask = self.captions[0][idx], self.captions[1][idx]
+        if drop:
+            states, mask = self.model.drop_captions(states, mask)
+        return lambda x, t: self.model(x, t, states, mask)
+
+    def loss(self, batch: dict[str, Any], flip: bool = True) -> dict[str, torch.Tensor]:
+        z = self._tokens(batch, flip)
+        loss = flow.flow_loss(self._condition(batch, drop=True), z, self.cfg.flow)
+        return {"flow": loss, "total": loss}
+
+    def sample(self, batch: dict[str, Any], steps: int, seed: int = 0) -> torch.Tensor:
+        """Denormalised samples for the batch's conditions, with the config's CFG."""
+        kw: dict[str, Any] = dict(
+            scale=self.cfg.cfg_scale, interval=tuple(self.cfg.cfg_interval), steps=steps, seed=seed
+        )
+        if self.cfg.kind == "class":
+            return sample_tokens(self.model, self.normalizer, labels=batch["label"], **kw)
+        idx = torch.as_tensor(batch["caption_idx"]).to(self.device).long()
+        text = (self.captions[0][idx], self.captions[1][idx])
+        return sample_tokens(self.model, self.normalizer, text=text, **kw)
+
+    @torch.no_grad()
+    def evaluate(
+        self, batch: dict[str, Any], steps: int, seed: int = 0
+    ) -> tuple[dict[str, float], np.ndarray | None]:
+        """Token-space metrics on held-out tokens, plus a decoded sample grid when a decoder is set.
+
+        val_flow: fixed-t flow loss; sample_std: per-dim std of the (normalised) samples (≈1 when
+        the spread matches the data); class mode adds class_dist, the mean RMS distance of each
+        sample to its class's held-out mean, and class_acc, how often that mean is the nearest.
+        """
+        z = self._tokens(batch, flip=False)
+        val = flow.validation_loss(self._condition(batch, drop=False), z, seed=seed)
+        samples = self.normalizer.normalize(self.sample(batch, steps, seed))
+        metrics = {"val_flow": val.mean().item(), "sample_std": samples.std(0).mean().item()}
+        if self.cfg.kind == "class":
+            metrics.update(class_distances(samples, z, torch.as_tensor(batch["label"])))
+        grid = None
+        if self.decoder is not None:
+            from reptok_core.tokenizer_task import image_grid, images_to_uint8
+
+            n = min(8, samples.shape[0])
+            tokens = self.normalizer.denormalize(samples[:n]).to(self.device)
+            images = self.decoder.decode(tokens, steps=steps, seed=seed)
+            grid = image_grid([images_to_uint8(images)])
+        return metrics, grid
+
+
+def class_distances(
+    samples: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """RMS distance of samples to their label's mean of `reference`, and nearest-mean accuracy."""
+    labels = labels.to(samples.device).long()
+    classes = labels.unique()
+    means = torch.stack([reference[labels == c].mean(0) for c in classes])
+    d = torch.cdist(samples.float(), means.float()) / samples.shape[1] ** 0.5
+    own = (labels[:, None] == classes[None]).float().argmax(1)
+    return {
+        "class_dist": d.gather(1, own[:, None]).mean().item(),
+        "class_acc": (d.argmin(1) == own).float().mean().item(),
+    }
+
+
+@dataclass
+class LoadedGenerator:
+    model: torch.nn.Module
+    normalizer: TokenNormalizer
+    cfg: GeneratorConfig
+    meta: dict[str, Any]
+
+    @property
+    def text_encoder(self) -> str | None:
+        return self.meta.get("text_encoder")
+
+
+def export_generator(
+    state: dict[str, torch.Tensor],
+    cfg: GeneratorConfig,
+    normalizer: TokenNormalizer,
+    uri: str,
+    extra: dict | None = None,
+) -> None:
+    """Write weights + normaliser (safetensors) and config JSON (plus `extra` lineage) to `uri`."""
+    from reptok_core.storage import join, write_bytes_atomic
+
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    tensors["normalizer.mean"] = normalizer.mean.detach().cpu().contiguous()
+    tensors["normalizer.std"] = normalizer.std.detach().cpu().contiguous()
+    write_bytes_atomic(join(uri, EXPORT_WEIGHTS), save_safetensors_bytes(tensors))
+    meta = {"config": to_dict(cfg), **(extra or {})}
+    write_bytes_atomic(join(uri, EXPORT_CONFIG), json.dumps(meta, indent=2).encode())
+
+
+def load_generator(uri: str, device: torch.device | str = "cpu") -> LoadedGenerator:
+    """Rebuild an exported generator (eval mode) with its token normaliser."""
+    from reptok_core.storage import join, read_bytes
+
+    meta = json.loads(read_bytes(join(uri, EXPORT_CONFIG)))
+    cfg = from_dict(GeneratorConfig, meta["config"])
+    state = load_safetensors_bytes(read_bytes(join(uri, EXPORT_WEIGHTS)))
+    normalizer = TokenNormalizer(state.pop("normalizer.mean"), state.pop("normalizer.std"))
+    model = build_model(cfg)
+    model.load_state_dict(state)  # strict: a mismatch is a broken export, say so loudly
+    return LoadedGenerator(model.to(device).eval(), normalizer.to(device), cfg, meta)
