@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import prepare_data as pdata  # noqa: E402
 from reptok_core import builtin_datasets  # noqa: E402
+from reptok_core import prepare as prep  # noqa: E402
 from reptok_core.config import load_config  # noqa: E402
 from reptok_core.images import encode_image, prepare_array, prepare_bytes  # noqa: E402
 
@@ -64,7 +65,7 @@ def loop_fashion(n: int, res: int) -> int:
 
 def run_stage(args: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cfg = load_config(pdata.PrepareConfig, None, [*args, f"output.uri={out}", "progress_s=1000"])
+    cfg = load_config(prep.PrepareConfig, None, [*args, f"output.uri={out}", "progress_s=1000"])
     return pdata.run(cfg)
 
 

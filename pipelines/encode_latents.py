@@ -19,7 +19,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines import common, token_data  # noqa: E402
+from pipelines import common, model_uri, token_data  # noqa: E402
 from reptok_core import storage  # noqa: E402
 from reptok_core.config import opt, section, to_dict  # noqa: E402
 from reptok_core.token_stats import RunningStats  # noqa: E402
@@ -60,7 +59,8 @@ class EncodeSettings:
     cpus_per_actor: float = opt(1.0, "CPUs reserved per encoder actor")
     precision: str = opt("auto", "'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU)")
     kill_after_parts: int = opt(
-        0, "fault drill: the driver exits hard after this many parts are written; a re-run completes"
+        0,
+        "fault drill: the driver exits hard after this many parts are written; a re-run completes",
     )
 
 
@@ -73,33 +73,16 @@ class EncodeConfig:
 
 
 def resolve_export(spec: str, tracking_uri: str, config_file: str) -> tuple[str, str | None]:
-    """(folder URI, MLflow run id) of an export given as a URI or a models:/ registry reference.
+    """(folder, MLflow run id of the training run) of an export folder or a models:/ reference.
 
-    Registry references are downloaded to a local temp folder (on whichever node calls this).
+    Registry references are downloaded by pipelines.model_uri (on whichever node calls this);
+    the run id is the one the training stage wrote into the export's config JSON.
     """
-    if spec.startswith("models:/"):
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri)
-        ref = spec[len("models:/") :]
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, version = ref.rsplit("/", 1)
-            mv = client.get_model_version(name, version)
-        else:
-            raise ValueError(f"{spec!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=mv.source,
-            tracking_uri=tracking_uri,
-            dst_path=tempfile.mkdtemp(prefix="reptok-export-"),
-        )
-        return local, mv.run_id
-    path = storage.join(spec, config_file)
+    folder = model_uri.resolve(spec, tracking_uri).folder
+    path = storage.join(folder, config_file)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: {spec!r} is not an export folder")
-    return spec, json.loads(storage.read_bytes(path)).get("mlflow_run_id")
+    return folder, json.loads(storage.read_bytes(path)).get("mlflow_run_id")
 
 
 class _EncodeOnlySpace(torch.nn.Module):
@@ -341,9 +324,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tags = {"reptok.tokenizer": s.tokenizer, "reptok.tokenizer_run_id": tok_run or ""}
     run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="encode", tags=tags)
     files = input_files(s.images)
-    tok_id = tok_run or hashlib.blake2b(
-        storage.read_bytes(storage.join(tok_uri, EXPORT_CONFIG))
-    ).hexdigest()
+    tok_id = (
+        tok_run
+        or hashlib.blake2b(storage.read_bytes(storage.join(tok_uri, EXPORT_CONFIG))).hexdigest()
+    )
     plan = plan_parts(s, files, tok_id)
     todo = [p for p in plan if not storage.exists(_marker(s.output, p["part"]))]
     print(
@@ -374,8 +358,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics["images_per_s"] = images / seconds
     metrics["token_std_mean"] = float(np.mean(manifest["std"]))
     ts = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, ts, 0) for k, v in metrics.items()])
-    client.log_text(run_id, json.dumps({**manifest, "mean": "...", "std": "..."}, indent=1), "manifest.json")
+    client.log_batch(
+        run_id, metrics=[mlflow.entities.Metric(k, v, ts, 0) for k, v in metrics.items()]
+    )
+    client.log_text(
+        run_id, json.dumps({**manifest, "mean": "...", "std": "..."}, indent=1), "manifest.json"
+    )
     common.finish_mlflow_run(cfg.run, run_id)
     print(
         f"[encode] {manifest['rows']} tokens (D={manifest['dim']}) in {s.output}"

@@ -27,8 +27,8 @@ Endpoints (JSON errors look like {"error": "...", "detail": ...}):
   GET  /healthz, GET /info (model versions, presets, limits, batching counters)
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the request models as real classes
+# (Serve's class-based ingress re-wraps the methods, and string annotations then fail to resolve).
 import asyncio
 import base64
 import binascii
@@ -62,7 +62,8 @@ log = logging.getLogger("ray.serve")
 @dataclass
 class ModelSettings:
     tokenizer: str = opt(
-        "", "tokenizer: an export folder (path or s3://), models:/<name>@<alias> or models:/<name>/<v>"
+        "",
+        "tokenizer: an export folder (path or s3://), models:/<name>@<alias> or models:/<name>/<v>",
     )
     generator: str = opt("", "class-conditional generator reference ('' = /generate answers 503)")
     text_generator: str = opt("", "text-conditioned generator ('' = /text-to-image answers 503)")
@@ -86,7 +87,9 @@ class LimitSettings:
 
 @dataclass
 class ScalingSettings:
-    use_gpu: str = opt("auto", "'auto' (a GPU per model replica when the cluster has GPUs), true, false")
+    use_gpu: str = opt(
+        "auto", "'auto' (a GPU per model replica when the cluster has GPUs), true, false"
+    )
     model_cpus: float = opt(1.0, "CPUs reserved per model replica")
     ingress_cpus: float = opt(0.5, "CPUs reserved per ingress replica")
     ingress_replicas: int = opt(1, "ingress (HTTP parsing / PNG encoding) replicas")
@@ -150,7 +153,11 @@ class Models:
     # -- loading
 
     def _version(self, ref: str, settings: ModelSettings) -> str:
-        return model_uri.registry_version(ref, settings.mlflow_uri) if model_uri.is_registry(ref) else ""
+        return (
+            model_uri.registry_version(ref, settings.mlflow_uri)
+            if model_uri.is_registry(ref)
+            else ""
+        )
 
     def _refresh(self, settings: ModelSettings) -> bool:
         """Load whatever changed (reference or registry version); True when anything did."""
@@ -185,10 +192,14 @@ class Models:
             )
             if "generator" in refs:
                 new.generator = (
-                    old.generator if same("generator") else load_generator(fetch("generator"), self.device)
+                    old.generator
+                    if same("generator")
+                    else load_generator(fetch("generator"), self.device)
                 )
                 if new.generator.cfg.kind != "class":
-                    raise ValueError(f"model.generator {wanted['generator']!r} is not class-conditional")
+                    raise ValueError(
+                        f"model.generator {wanted['generator']!r} is not class-conditional"
+                    )
             if "text_generator" in refs:
                 if same("text_generator"):
                     new.text_generator, new.text_encoder = old.text_generator, old.text_encoder
@@ -321,7 +332,9 @@ class Models:
             # Same noise as Tokenizer.decode(token[None], seed=s): randn from a seeded CPU generator.
             noise = torch.stack(
                 [
-                    torch.randn(tok.latent_shape(), generator=torch.Generator().manual_seed(seeds[i]))
+                    torch.randn(
+                        tok.latent_shape(), generator=torch.Generator().manual_seed(seeds[i])
+                    )
                     for i in idx
                 ]
             ).to(self.device, dtype)
@@ -344,8 +357,12 @@ class Models:
     ) -> np.ndarray:
         m = self.loaded
         return await asyncio.to_thread(
-            self._sample, m.text_generator, {"text": [prompt] * n, "encoder": m.text_encoder},
-            scale, steps, seed,
+            self._sample,
+            m.text_generator,
+            {"text": [prompt] * n, "encoder": m.text_encoder},
+            scale,
+            steps,
+            seed,
         )
 
     def _sample(self, g: Any, cond: dict, scale: float, steps: int, seed: int) -> np.ndarray:
@@ -441,7 +458,9 @@ def _png_response(images: list[np.ndarray], fmt: str, extra: dict[str, Any]) -> 
         pngs = [base64.b64encode(encode_image(im)).decode() for im in images]
         return JSONResponse({"images": pngs, **extra})
     row = images[0] if len(images) == 1 else np.concatenate(images, axis=1)
-    return Response(encode_image(row), media_type="image/png", headers={"X-Images": str(len(images))})
+    return Response(
+        encode_image(row), media_type="image/png", headers={"X-Images": str(len(images))}
+    )
 
 
 @serve.deployment
@@ -461,7 +480,10 @@ class Api:
 
     def _steps(self, steps: int | None) -> int:
         steps = self.limits.default_steps if steps is None else steps
-        _bad(not 1 <= steps <= self.limits.max_steps, f"steps={steps} must be in [1, {self.limits.max_steps}]")
+        _bad(
+            not 1 <= steps <= self.limits.max_steps,
+            f"steps={steps} must be in [1, {self.limits.max_steps}]",
+        )
         return steps
 
     def _seed(self, seed: int) -> int:
@@ -481,9 +503,14 @@ class Api:
         return scale
 
     def _token(self, token: list[float], dim: int, name: str = "token") -> np.ndarray:
-        _bad(len(token) != dim, f"{name} has {len(token)} values; this tokenizer's tokens have {dim}")
+        _bad(
+            len(token) != dim, f"{name} has {len(token)} values; this tokenizer's tokens have {dim}"
+        )
         z = np.asarray(token, dtype=np.float32)
-        _bad(not np.isfinite(z).all() or np.abs(z).max() > 1e4, f"{name} values must be finite and |v| <= 1e4")
+        _bad(
+            not np.isfinite(z).all() or np.abs(z).max() > 1e4,
+            f"{name} values must be finite and |v| <= 1e4",
+        )
         return z
 
     def _image(self, data: bytes, size: int, name: str = "image") -> np.ndarray:
@@ -497,19 +524,27 @@ class Api:
             return prepare_bytes(data, size, max_pixels=self.limits.max_pixels)
         except ImageRejected as e:
             status = 413 if e.reason == "too_many_pixels" else 400
-            raise HTTPException(status, f"{name} rejected ({e.reason}): {e.detail or e.reason}") from None
+            raise HTTPException(
+                status, f"{name} rejected ({e.reason}): {e.detail or e.reason}"
+            ) from None
 
     async def _upload(self, request: Request) -> bytes:
         cap = self.limits.max_upload_bytes
         declared = request.headers.get("content-length", "")
-        _bad(declared.isdigit() and int(declared) > cap, f"upload of {declared} bytes exceeds {cap}", 413)
+        _bad(
+            declared.isdigit() and int(declared) > cap,
+            f"upload of {declared} bytes exceeds {cap}",
+            413,
+        )
         body = bytearray()
         async for chunk in request.stream():  # stop reading at the cap: never buffer a huge body
             body += chunk
             _bad(len(body) > cap, f"upload exceeds {cap} bytes", 413)
         return bytes(body)
 
-    async def _decode_all(self, tokens: list[np.ndarray], steps: int, seeds: list[int]) -> list[np.ndarray]:
+    async def _decode_all(
+        self, tokens: list[np.ndarray], steps: int, seeds: list[int]
+    ) -> list[np.ndarray]:
         # One handle call per image: the model replica batches them with everyone else's.
         calls = [self.models.decode.remote(z, steps, s) for z, s in zip(tokens, seeds, strict=True)]
         return list(await asyncio.gather(*calls))
@@ -537,12 +572,16 @@ class Api:
         gen = info["generator"]
         _bad(gen is None, "no class-conditional generator configured (set model.generator)", 503)
         labels = req.label if isinstance(req.label, list) else [req.label] * (req.n or 1)
-        _bad(isinstance(req.label, list) and req.n is not None and req.n != len(labels),
-             f"n={req.n} disagrees with {len(labels)} labels")
+        _bad(
+            isinstance(req.label, list) and req.n is not None and req.n != len(labels),
+            f"n={req.n} disagrees with {len(labels)} labels",
+        )
         self._n(len(labels))
         k = gen["num_classes"]
         for y in labels:
-            _bad(not 0 <= y < k, f"label {y} is out of range: this generator has classes 0..{k - 1}")
+            _bad(
+                not 0 <= y < k, f"label {y} is out of range: this generator has classes 0..{k - 1}"
+            )
         steps, seed = self._steps(req.steps), self._seed(req.seed)
         scale = self._scale(req.cfg_scale, gen["cfg_scale"])
         tokens = await self.models.class_tokens.remote(labels, scale, steps, seed)
@@ -553,11 +592,15 @@ class Api:
     async def text_to_image(self, req: TextToImageRequest) -> Response:
         info = await self._info()
         gen = info["text_generator"]
-        _bad(gen is None, "no text-conditioned generator configured (set model.text_generator)", 503)
+        _bad(
+            gen is None, "no text-conditioned generator configured (set model.text_generator)", 503
+        )
         prompt = req.prompt.strip()
         _bad(not prompt, "prompt is empty")
-        _bad(len(prompt) > self.limits.max_prompt_chars,
-             f"prompt has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}")
+        _bad(
+            len(prompt) > self.limits.max_prompt_chars,
+            f"prompt has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}",
+        )
         n, steps, seed = self._n(req.n), self._steps(req.steps), self._seed(req.seed)
         scale = self._scale(req.cfg_scale, gen["cfg_scale"])
         tokens = await self.models.text_tokens.remote(prompt, n, scale, steps, seed)
@@ -565,7 +608,9 @@ class Api:
         return _png_response(images, req.format, {"prompt": prompt, "steps": steps, "seed": seed})
 
     @api.post("/reconstruct")
-    async def reconstruct(self, request: Request, steps: int | None = Query(None), seed: int = Query(0)) -> Response:
+    async def reconstruct(
+        self, request: Request, steps: int | None = Query(None), seed: int = Query(0)
+    ) -> Response:
         info = await self._info()
         steps, seed = self._steps(steps), self._seed(seed)
         image = self._image(await self._upload(request), info["tokenizer"]["image_size"])
@@ -597,11 +642,17 @@ class Api:
             if isinstance(value, list):
                 ends.append(self._token(value, tok["token_dim"], name))
                 continue
-            _bad(len(value) > self.limits.max_upload_bytes * 4 // 3 + 4, f"{name} exceeds the upload limit", 413)
+            _bad(
+                len(value) > self.limits.max_upload_bytes * 4 // 3 + 4,
+                f"{name} exceeds the upload limit",
+                413,
+            )
             try:
                 data = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
-                raise HTTPException(400, f"{name} is neither a token (list of floats) nor base64 image data") from None
+                raise HTTPException(
+                    400, f"{name} is neither a token (list of floats) nor base64 image data"
+                ) from None
             ends.append(await self.models.encode.remote(self._image(data, tok["image_size"], name)))
         w = np.linspace(0, 1, n, dtype=np.float32)[:, None]
         tokens = list((1 - w) * ends[0][None] + w * ends[1][None])  # as Tokenizer.interpolate
@@ -633,7 +684,10 @@ def bind(cfg: ServeConfig) -> Any:
     _bad_cfg = [
         (s.max_batch_size < 1, "scaling.max_batch_size must be >= 1"),
         (s.min_replicas > s.max_replicas, "scaling.min_replicas must be <= scaling.max_replicas"),
-        (cfg.limits.default_steps > cfg.limits.max_steps, "limits.default_steps exceeds limits.max_steps"),
+        (
+            cfg.limits.default_steps > cfg.limits.max_steps,
+            "limits.default_steps exceeds limits.max_steps",
+        ),
     ]
     for bad, msg in _bad_cfg:
         if bad:
@@ -683,7 +737,9 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = common.parse_cli(ServeConfig, argv, __doc__)
     if not cfg.model.tokenizer:
-        raise SystemExit("error: model.tokenizer is required (an export folder or models:/name@alias)")
+        raise SystemExit(
+            "error: model.tokenizer is required (an export folder or models:/name@alias)"
+        )
     common.init_ray()
     url = start(cfg)
     print(f"[serve] {url}/info  ·  {url}/docs  ·  Ctrl-C stops", flush=True)

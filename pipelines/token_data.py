@@ -94,7 +94,10 @@ def load_tokens(uri: str, limit: int = 0) -> dict[str, Any]:
     [, token_flip]; rows sorted by id so every reader sees the same order. `limit` keeps the first
     rows (by id) only."""
     manifest = read_manifest(uri)
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, p)))) for p in manifest["parts"]]
+    tables = [
+        pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, p))))
+        for p in manifest["parts"]
+    ]
     table = pa.concat_tables(tables).sort_by("id") if tables else None
     if table is None or table.num_rows == 0:
         raise ValueError(f"token Parquet {uri!r} has no rows")
@@ -122,8 +125,15 @@ def write_caption_cache(
         "mask": mask[:, :length].to(torch.uint8).contiguous().cpu(),
     }
     folder = storage.join(uri, CAPTIONS_DIR)
-    storage.write_bytes_atomic(storage.join(folder, "captions.safetensors"), save_safetensors_bytes(tensors))
-    meta = {"encoder": encoder, "dim": int(states.shape[-1]), "length": length, "captions": captions}
+    storage.write_bytes_atomic(
+        storage.join(folder, "captions.safetensors"), save_safetensors_bytes(tensors)
+    )
+    meta = {
+        "encoder": encoder,
+        "dim": int(states.shape[-1]),
+        "length": length,
+        "captions": captions,
+    }
     # The JSON is the cache's completion marker: written after the tensors.
     storage.write_bytes_atomic(storage.join(folder, "captions.json"), json.dumps(meta).encode())
 
@@ -134,7 +144,9 @@ def read_caption_cache(uri: str) -> tuple[dict[str, Any], torch.Tensor, torch.Te
     if not storage.exists(storage.join(folder, "captions.json")):
         return None
     meta = json.loads(storage.read_bytes(storage.join(folder, "captions.json")))
-    tensors = load_safetensors_bytes(storage.read_bytes(storage.join(folder, "captions.safetensors")))
+    tensors = load_safetensors_bytes(
+        storage.read_bytes(storage.join(folder, "captions.safetensors"))
+    )
     return meta, tensors["states"], tensors["mask"].bool()
 
 

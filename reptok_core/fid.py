@@ -100,7 +100,9 @@ def extract_features(
     net: InceptionFeatures, images: torch.Tensor, batch_size: int = 32
 ) -> np.ndarray:
     """(N, 3, H, W) images (uint8 or [0, 1] float) -> (N, 2048) float64 features, in chunks."""
-    out = [net(images[i : i + batch_size]).cpu().double() for i in range(0, len(images), batch_size)]
+    out = [
+        net(images[i : i + batch_size]).cpu().double() for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros((0, FEATURE_DIM))
 
 
@@ -124,7 +126,9 @@ class FeatureStats:
         """npz cache (reference statistics are computed once per dataset and protocol)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp.npz"
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, features=self.features.astype(np.float32))
+        np.savez(
+            tmp, mu=self.mu, sigma=self.sigma, n=self.n, features=self.features.astype(np.float32)
+        )
         os.replace(tmp, path)
 
     @classmethod
@@ -203,10 +207,17 @@ def probe_probs(probe: nn.Module, feats: np.ndarray) -> np.ndarray:
 
 def _kth_nn_radius(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
     # Distance to the k-th nearest neighbour other than the point itself (index k after sorting).
-    return torch.cat([torch.cdist(x[i : i + chunk], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), chunk)])
+    return torch.cat(
+        [
+            torch.cdist(x[i : i + chunk], x).kthvalue(k + 1, dim=1).values
+            for i in range(0, len(x), chunk)
+        ]
+    )
 
 
-def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> float:
+def _coverage(
+    points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 1024
+) -> float:
     inside = [
         (torch.cdist(points[i : i + chunk], centres) <= radii[None]).any(1)
         for i in range(0, len(points), chunk)

@@ -44,7 +44,9 @@ KINDS = ("class", "text")
 
 @dataclass
 class GeneratorConfig:
-    kind: str = opt("class", "'class' (MLP-Mixer over class labels) or 'text' (caption-conditioned)")
+    kind: str = opt(
+        "class", "'class' (MLP-Mixer over class labels) or 'text' (caption-conditioned)"
+    )
     mixer: MixerConfig = section(MixerConfig, "class-conditional MLP-Mixer (kind=class)")
     text: TextGeneratorConfig = section(TextGeneratorConfig, "text-conditioned model (kind=text)")
     flow: flow.FlowConfig = section(flow.FlowConfig, "training-time t distribution")
@@ -55,7 +57,9 @@ class GeneratorConfig:
 def generator_preset(name: str, kind: str = "class") -> GeneratorConfig:
     """`tiny`, `small` or `paper` sizes of the class- or text-conditioned generator."""
     if name not in MIXER_PRESETS:
-        raise ValueError(f"unknown generator preset {name!r}; expected one of {list(MIXER_PRESETS)}")
+        raise ValueError(
+            f"unknown generator preset {name!r}; expected one of {list(MIXER_PRESETS)}"
+        )
     return GeneratorConfig(
         kind=kind, mixer=MIXER_PRESETS[name](), text=TEXT_GENERATOR_PRESETS[name]()
     )

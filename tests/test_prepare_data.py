@@ -1,4 +1,4 @@
-"""pipelines/prepare_data.py: sources, bad inputs, idempotence, kill-and-re-run, S3, built-ins.
+"""reptok_core/prepare + pipelines/prepare_data.py: sources, bad inputs, idempotence, kill-and-re-run, S3, built-ins.
 
 Most tests run the shard worker in this process (`executor=inline`, no Ray) because it is the
 same code a Ray task runs; the `slow` ones go through Ray Data on the session cluster and a real
@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipelines import prepare_data as pdata
 from reptok_core import builtin_datasets, storage
+from reptok_core import prepare as prep
 from reptok_core.config import load_config
 from reptok_core.images import decode_rgb, prepare_array, prepare_bytes, stable_id
 
@@ -102,9 +103,9 @@ def write_folder(root: Path) -> tuple[dict[str, bytes], dict[str, str]]:
     return good, {rel: reason for rel, (_, reason) in bad.items()}
 
 
-def cfg_of(*overrides: str) -> pdata.PrepareConfig:
+def cfg_of(*overrides: str) -> prep.PrepareConfig:
     return load_config(
-        pdata.PrepareConfig, None, ["progress_s=0", f"image.resolution={RES}", *overrides]
+        prep.PrepareConfig, None, ["progress_s=0", f"image.resolution={RES}", *overrides]
     )
 
 
@@ -155,11 +156,11 @@ def check_folder_output(output: str, good: dict[str, bytes], bad: dict[str, str]
 
 def test_plan_folder_layouts(tmp_path):
     good, bad = write_folder(tmp_path)
-    plan = pdata.plan_source(cfg_of("source.kind=folder", f"source.uri={tmp_path}").source)
+    plan = prep.plan_source(cfg_of("source.kind=folder", f"source.uri={tmp_path}").source)
     assert plan.class_names == ["cats", "dogs"]
     assert {it["key"] for it in plan.items} == set(good) | set(bad)
     assert [it["id"] for it in plan.items] == sorted(it["id"] for it in plan.items)
-    flat = pdata.plan_source(
+    flat = prep.plan_source(
         cfg_of("source.kind=folder", f"source.uri={tmp_path}/cats", "source.limit=3").source
     )
     assert flat.class_names is None and len(flat.items) == 3
@@ -168,21 +169,21 @@ def test_plan_folder_layouts(tmp_path):
 
 def test_shard_names_are_deterministic_and_settings_dependent():
     items = [{"key": f"k{i}", "id": stable_id(f"k{i}")} for i in range(10)]
-    a = pdata.make_shards(items, 4, "fp1")
+    a = prep.make_shards(items, 4, "fp1")
     assert [len(s["items"]) for s in a] == [4, 4, 2]
-    assert [s["name"] for s in a] == [s["name"] for s in pdata.make_shards(items, 4, "fp1")]
-    assert a[0]["name"] != pdata.make_shards(items, 4, "fp2")[0]["name"]
-    assert a[0]["name"] != pdata.make_shards(items[1:], 4, "fp1")[0]["name"]
-    assert pdata.fingerprint(cfg_of()) != pdata.fingerprint(cfg_of("image.resolution=64"))
-    assert pdata.fingerprint(cfg_of()) == pdata.fingerprint(cfg_of("output.uri=elsewhere"))
+    assert [s["name"] for s in a] == [s["name"] for s in prep.make_shards(items, 4, "fp1")]
+    assert a[0]["name"] != prep.make_shards(items, 4, "fp2")[0]["name"]
+    assert a[0]["name"] != prep.make_shards(items[1:], 4, "fp1")[0]["name"]
+    assert prep.fingerprint(cfg_of()) != prep.fingerprint(cfg_of("image.resolution=64"))
+    assert prep.fingerprint(cfg_of()) == prep.fingerprint(cfg_of("output.uri=elsewhere"))
 
 
 def test_val_split_is_stable_and_close_to_fraction():
     ids = [stable_id(str(i)) for i in range(20000)]
-    val = [i for i in ids if pdata.in_val_split(i, 0.1)]
+    val = [i for i in ids if prep.in_val_split(i, 0.1)]
     assert 0.09 < len(val) / len(ids) < 0.11
-    assert val == [i for i in ids if pdata.in_val_split(i, 0.1)]
-    assert not any(pdata.in_val_split(i, 0.0) for i in ids)
+    assert val == [i for i in ids if prep.in_val_split(i, 0.1)]
+    assert not any(prep.in_val_split(i, 0.0) for i in ids)
 
 
 # ------------------------------------------------------------------ sources, inline
@@ -397,7 +398,7 @@ def test_rerun_skips_and_cleans_stale_files(tmp_path):
     assert sorted(read_rows(str(out)).column("id").to_pylist()) == sorted(ids)
 
     # Other settings into the same output: refused unless overwrite=true.
-    with pytest.raises(pdata.PrepareError, match="other settings"):
+    with pytest.raises(prep.PrepareError, match="other settings"):
         pdata.run(cfg_of(*args, "image.resolution=16"))
     pdata.run(cfg_of(*args, "image.resolution=16", "output.overwrite=true"))
     rows = read_rows(str(out))
@@ -507,7 +508,7 @@ def test_s3_sources_split_and_builtins(tmp_path, ray_cluster, s3_bucket):
     )
     train, val = read_rows(str(out / "train")), read_rows(str(out / "val"))
     assert train.num_rows + val.num_rows == 1500 and 200 < val.num_rows < 400
-    assert all(pdata.in_val_split(i, 0.2) for i in val.column("id").to_pylist())
+    assert all(prep.in_val_split(i, 0.2) for i in val.column("id").to_pylist())
     assert man["splits"]["val"]["rows"] == val.num_rows
     xt, yt = builtin_datasets.load_fashion_mnist("test")
     for r in train.slice(0, 20).to_pylist():
@@ -570,7 +571,7 @@ def test_kill_and_rerun_ends_with_exact_ids(tmp_path, ray_cluster):
 
     cfg = cfg_of(*args)
     man = pdata.run(cfg)
-    expected = {it["id"] for it in pdata.plan_source(cfg.source).items}
+    expected = {it["id"] for it in prep.plan_source(cfg.source).items}
     ids = read_rows(str(out)).column("id").to_pylist()
     assert len(ids) == len(expected) == 4000 and set(ids) == expected
     assert man["rows"] == 4000 and man["run"]["shards_skipped"] >= done_before
@@ -604,5 +605,5 @@ def test_vae_latent_column_with_a_tiny_vae(tmp_path):
     space = SDVAESpace.from_pretrained(str(tmp_path / "vae"), sample=False)
     r = rows.slice(0, 1).to_pylist()[0]
     x = decode_rgb(r["image"])[None]
-    expected = pdata.encode_vae_latents(x, space).ravel()
+    expected = prep.encode_vae_latents(x, space).ravel()
     np.testing.assert_allclose(np.asarray(r["vae_latent"]), expected, rtol=1e-4, atol=1e-5)

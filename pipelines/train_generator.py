@@ -1,0 +1,212 @@
+"""Stage 2: train the token generator (class-conditional MLP-Mixer or text-conditioned) on Ray Train.
+
+    python pipelines/train_generator.py --config configs/generator/tiny.yaml data.train=<token Parquet>
+    python pipelines/train_generator.py --config configs/generator/tiny.yaml model.kind=text data.train=...
+    ray job submit --working-dir . -- python pipelines/train_generator.py --config configs/generator/paper.yaml ...
+
+Same loop, checkpoints, resume, fault drill, MLflow and export as stage 1 (pipelines/train_loop.py).
+Each worker holds the whole token set in memory, normalised by the manifest's statistics, and
+text generators read the cached caption states, so no encoder runs per step. Re-running the same
+command (same run.name and run.storage) resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from pipelines import common, token_data, train_loop  # noqa: E402
+from reptok_core import storage  # noqa: E402
+from reptok_core.config import opt, section  # noqa: E402
+from reptok_core.generator_task import GeneratorConfig  # noqa: E402
+from reptok_core.training import OptimConfig  # noqa: E402
+
+
+@dataclass
+class DataSettings:
+    train: str = opt("", "token Parquet prefix to train on (output of encode_latents)")
+    val: str = opt("", "held-out token Parquet for evaluation ('' = the first rows of data.train)")
+    tokenizer: str = opt(
+        "",
+        "tokenizer whose decoder draws the sample grids: export folder or models:/NAME@ALIAS "
+        "('' = the one recorded in the token manifest, 'none' = no grids)",
+    )
+
+
+@dataclass
+class TrainGeneratorConfig:
+    model: GeneratorConfig = section(GeneratorConfig, "the generator and its sampling defaults")
+    data: DataSettings = section(DataSettings, "input tokens")
+    loop: train_loop.LoopConfig = section(train_loop.LoopConfig, "training loop")
+    optim: OptimConfig = section(OptimConfig, "optimizer, schedule, clipping, EMA")
+    run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
+
+
+def export_uri(cfg: TrainGeneratorConfig) -> str:
+    return storage.join(common.run_dir(cfg.run), "export")
+
+
+def fit_to_tokens(
+    cfg: TrainGeneratorConfig, manifest: dict[str, Any], captions: dict[str, Any] | None
+) -> None:
+    """Shape the model to the data: token (and text) width from the manifest, class count checked."""
+    m = cfg.model
+    if m.kind == "class":
+        m.mixer.token_dim = manifest["dim"]
+        if manifest["num_classes"] < 1:
+            raise SystemExit(f"error: {cfg.data.train!r} has no labels; use model.kind=text")
+        if manifest["num_classes"] > m.mixer.num_classes:
+            raise SystemExit(
+                f"error: the tokens have labels up to {manifest['num_classes'] - 1} but "
+                f"model.mixer.num_classes={m.mixer.num_classes}"
+            )
+    elif m.kind == "text":
+        if captions is None:
+            raise SystemExit(
+                f"error: {cfg.data.train!r} has no caption cache; run encode_latents with "
+                "encode.text_encoder set"
+            )
+        m.text.token_dim, m.text.text_dim = manifest["dim"], captions["dim"]
+    else:
+        raise SystemExit(f"error: model.kind={m.kind!r}; expected 'class' or 'text'")
+
+
+def batch_arrays(
+    data: dict[str, Any], kind: str, captions: list[str] | None
+) -> dict[str, np.ndarray]:
+    """Loaded token rows -> the numeric batch a GeneratorTask reads."""
+    out = {"token": data["token"]}
+    if "token_flip" in data:
+        out["token_flip"] = data["token_flip"]
+    if kind == "class":
+        if (data["label"] < 0).any():
+            raise ValueError("some token rows have no label; a class-conditional model needs all")
+        out["label"] = data["label"]
+    else:
+        out["caption_idx"] = token_data.caption_index(data["caption"], captions or [])
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    cfg = common.parse_cli(TrainGeneratorConfig, argv, __doc__)
+    if not cfg.data.train:
+        raise SystemExit("error: data.train is required (a token Parquet from encode_latents)")
+    manifest = token_data.read_manifest(cfg.data.train)
+    cache = token_data.read_caption_cache(cfg.data.train) if cfg.model.kind == "text" else None
+    captions = cache[0] if cache else None  # the driver keeps the names, workers the states
+    del cache
+    fit_to_tokens(cfg, manifest, captions)
+    caption_list = captions["captions"] if captions else None
+    common.init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
+    tags = {
+        "reptok.tokens": cfg.data.train,
+        "reptok.encode_run_id": manifest.get("mlflow_run_id") or "",
+        "reptok.tokenizer_run_id": manifest.get("tokenizer_run_id") or "",
+    }
+    run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="generator", tags=tags)
+    tracking_uri = common.mlflow_uri(cfg.run)
+    held_out = token_data.load_tokens(cfg.data.val or cfg.data.train, limit=cfg.loop.eval_images)
+    eval_batch = batch_arrays(held_out, cfg.model.kind, caption_list)
+    eval_batch.pop("token_flip", None)
+    tokenizer = cfg.data.tokenizer or manifest["tokenizer"]
+    out_uri = export_uri(cfg)
+    run_dir = common.run_dir(cfg.run)
+    encode_cfg = manifest.get("config", {}).get("encode", {})
+    lineage = {
+        "mlflow_run_id": run_id,
+        "tokens": cfg.data.train,
+        "tokenizer": manifest["tokenizer"],
+        "tokenizer_run_id": manifest.get("tokenizer_run_id"),
+        "text_encoder": captions["encoder"] if captions else None,
+        "text_max_length": encode_cfg.get("text_max_length"),
+    }
+
+    def task_factory(device):
+        import torch
+
+        from pipelines.encode_latents import resolve_export
+        from reptok_core.generator_task import GeneratorTask
+        from reptok_core.tokenizer_task import EXPORT_CONFIG, load_tokenizer
+
+        # Every worker reads the tokens and caption states itself: no copy rides in the closure.
+        cache = token_data.read_caption_cache(cfg.data.train) if captions else None
+        train = batch_arrays(token_data.load_tokens(cfg.data.train), cfg.model.kind, caption_list)
+        decoder = None
+        if tokenizer != "none":
+            decoder = load_tokenizer(
+                resolve_export(tokenizer, tracking_uri, EXPORT_CONFIG)[0], device
+            )
+        return GeneratorTask(
+            cfg.model,
+            token_data.normalizer_from_manifest(manifest),
+            device,
+            data={k: torch.from_numpy(v) for k, v in train.items()},
+            captions=(cache[1].float(), cache[2]) if cache else None,
+            decoder=decoder,
+        )
+
+    def train_fn(_: dict) -> None:
+        from reptok_core.generator_task import export_generator
+
+        normalizer = token_data.normalizer_from_manifest(manifest)
+        train_loop.run(
+            task_factory,
+            cfg.loop,
+            cfg.optim,
+            eval_batch=eval_batch,
+            run_id=run_id,
+            tracking_uri=tracking_uri,
+            export_fn=lambda state: export_generator(
+                state, cfg.model, normalizer, out_uri, lineage
+            ),
+            run_dir=run_dir,
+            local_batches=True,
+        )
+
+    storage_path, storage_fs = common.ray_storage(cfg.run)
+    trainer = TorchTrainer(
+        train_fn,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        common.finish_mlflow_run(cfg.run, run_id, "FAILED")
+        raise
+    if cfg.loop.stop_at_step and cfg.loop.stop_at_step < cfg.loop.steps:
+        print(f"[train_generator] stopped at step {cfg.loop.stop_at_step}; run again to continue")
+        return run_id
+    version = common.register_export(cfg.run, run_id, out_uri, "generator")
+    common.finish_mlflow_run(cfg.run, run_id)
+    print(f"[train_generator] export: {out_uri}")
+    print(
+        f"[train_generator] MLflow run {run_id}"
+        + (f", registered {cfg.run.register_as} v{version}" if version else "")
+    )
+    return run_id
+
+
+if __name__ == "__main__":
+    main()
