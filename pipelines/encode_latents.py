@@ -219,9 +219,9 @@ def cache_captions(s: EncodeSettings, files: list[str], use_gpu: bool) -> dict[s
 
     unique: set[str] = set()
     for f in files:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=None)
-        if "caption" in table.column_names:
-            unique.update(c for c in table.column("caption").to_pylist() if c)
+        pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(f)))
+        if "caption" in pf.schema_arrow.names:
+            unique.update(c for c in pf.read(columns=["caption"])["caption"].to_pylist() if c)
     captions = sorted(unique)
     if not captions:
         raise SystemExit(f"error: encode.text_encoder is set but {s.images!r} has no captions")

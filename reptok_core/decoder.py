@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from reptok_core.encoder import TokenProjection
 from reptok_core.layers import MLP, Attention, FourierTimeEmbedding, modulate, rope_2d
@@ -122,6 +123,9 @@ class Decoder(nn.Module):
         cos, sin = rope_2d(self.grid, w // cfg.heads, n_prefix=1)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Activation checkpointing of every block (recompute in backward): less memory, ~1/3
+        # more decoder compute. Set by the training code; off by default.
+        self.grad_checkpointing = False
         nn.init.xavier_uniform_(self.patch_embed.weight)
         nn.init.zeros_(self.patch_embed.bias)
 
@@ -144,6 +148,9 @@ class Decoder(nn.Module):
         c = self.time_embed(t)
         rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
-            h = block(h, c, rope)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, rope, use_reentrant=False)
+            else:
+                h = block(h, c, rope)
         # The image token conditions through attention only; it is dropped before the head.
         return self.unpatchify(self.final(h[:, 1:], c))

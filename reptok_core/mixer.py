@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from reptok_core.layers import MLP, FourierTimeEmbedding
 
@@ -43,7 +44,32 @@ MIXER_PRESETS = {"tiny": mixer_tiny, "small": mixer_small, "paper": mixer_paper}
 N_TOKENS = 3
 
 
+def token_mix_pointwise(x: torch.Tensor, mlp: MLP) -> torch.Tensor:
+    """`mlp(x.transpose(1, 2)).transpose(1, 2)` for x (B, N, C) with tiny N, without matmuls.
+
+    The token-mixing MLP maps N = 3 numbers to `hidden` (256) and back for every channel, so
+    its hidden activation (B, hidden, C) is ~85x the block's input, and as two matmuls
+    (K = 3, N = 3) it is pure memory traffic. Written as broadcasts and sums over the hidden
+    units, torch.compile fuses each direction into one reduction kernel that keeps the hidden
+    activation in registers. Same math (fp32 accumulation); in eager mode this form would
+    materialise even larger intermediates, so it is used only while compiling.
+    """
+    w1, b1 = mlp.fc1.weight, mlp.fc1.bias  # (hidden, N), (hidden,)
+    w2, b2 = mlp.fc2.weight, mlp.fc2.bias  # (N, hidden), (N,)
+    pre = b1[None, :, None]
+    for i in range(x.shape[1]):
+        pre = pre + w1[None, :, i, None] * x[:, None, i, :]  # (B, hidden, C)
+    g = F.gelu(pre, approximate="tanh")
+    # One sum per output token (not one (B, N, hidden, C) product) so the fused kernel
+    # evaluates the GELU once per hidden unit and keeps N accumulators.
+    out = [(w2[None, j, :, None] * g).sum(1) + b2[j] for j in range(w2.shape[0])]
+    return torch.stack(out, dim=1)
+
+
 class MixerBlock(nn.Module):
+    # Under torch.compile use `token_mix_pointwise` (same function, fused); eager keeps matmuls.
+    pointwise_token_mix_when_compiling = True
+
     def __init__(self, width: int, mlp_ratio: float, token_mlp_dim: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
@@ -52,7 +78,11 @@ class MixerBlock(nn.Module):
         self.channel_mix = MLP(width, int(width * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.token_mix(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        y = self.norm1(x)
+        if self.pointwise_token_mix_when_compiling and torch.compiler.is_compiling():
+            x = x + token_mix_pointwise(y, self.token_mix).to(x.dtype)
+        else:
+            x = x + self.token_mix(y.transpose(1, 2)).transpose(1, 2)
         return x + self.channel_mix(self.norm2(x))
 
 

@@ -23,7 +23,7 @@ def inception():
 def fashion_u8(fashion_parquet):
     from pipelines.image_data import heldout_batch
 
-    return heldout_batch(str(fashion_parquet / "train"), 24)["image"]  # (24, 16, 16, 3) uint8
+    return heldout_batch(str(fashion_parquet / "train"), 16)["image"]  # (16, 16, 16, 3) uint8
 
 
 def test_psnr_matches_closed_form():
@@ -103,7 +103,7 @@ def test_fid_self_zero_noise_large(inception, fashion_u8):
     # Uniform noise is far from clothes in Inception space; FID values of a few hundred.
     assert fid.fid(real, fake) > 100
     # A second half of the same distribution is much closer than noise.
-    half = fid.FeatureStats.from_features(fid.extract_features(inception, x[12:]))
+    half = fid.FeatureStats.from_features(fid.extract_features(inception, x[8:]))
     assert fid.fid(real, half) < fid.fid(real, fake) / 2
 
 
@@ -129,9 +129,9 @@ def test_evaluate_cli_logs_to_mlflow_and_caches_reference(fashion_parquet, tmp_p
         f"run.storage={tmp_path / 'runs'}",
         "run.name=eval1",
         "batch_size=16",
-        "recon.num_images=12",
+        "recon.num_images=8",
         "recon.steps=2",
-        "gen.num_samples=12",
+        "gen.num_samples=8",
         "gen.num_reference=16",
         "gen.steps=2",
     ]

@@ -19,7 +19,7 @@ def _torchrun(n: int, *args: str) -> dict:
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={n}",
-        "--master_port=0",
+        "--standalone",
         str(SCRIPT),
         *args,
     ]

@@ -1,0 +1,133 @@
+"""Helpers shared by the GPU benchmarks (no Ray): device setup, run specs, compilation modes,
+OOM-tolerant runs and incremental JSON results."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class RunSpec:
+    """One benchmark configuration, written `mode:batch[:ac]` on the command line.
+
+    mode: `eager`, `regional` (torch.compile of every transformer / mixer block, compiled once
+    and reused by all blocks of the same shape) or `full` (torch.compile of the whole loss).
+    """
+
+    mode: str
+    batch: int
+    ac: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> RunSpec:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in ("eager", "regional", "full"):
+            raise ValueError(f"run spec {text!r}: expected eager|regional|full:BATCH[:ac]")
+        return cls(parts[0], int(parts[1]), len(parts) == 3 and parts[2] == "ac")
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}:{self.batch}" + (":ac" if self.ac else "")
+
+
+def parse_runs(text: str) -> list[RunSpec]:
+    return [RunSpec.parse(t) for t in text.split(",") if t]
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, sms=props.multi_processor_count, mem_gb=props.total_memory / 2**30)
+    return env
+
+
+def compile_blocks(blocks: Iterable[nn.Module]) -> None:
+    """Regional compilation: each block compiled in place (shared code, one compile per shape)."""
+    for blk in blocks:
+        blk.compile(dynamic=False)
+
+
+def uncompile_blocks(blocks: Iterable[nn.Module]) -> None:
+    for blk in blocks:
+        blk._compiled_call_impl = None
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+class Results:
+    """A JSON document rewritten after every run, so a run cut short still leaves its figures."""
+
+    def __init__(self, path: str, header: dict):
+        self.path = path
+        self.doc = {**header, "runs": []}
+        self.t0 = time.perf_counter()
+        self.write()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def add(self, row: dict) -> None:
+        self.doc["runs"].append(row)
+        self.write()
+        print(json.dumps(row), flush=True)
+
+    def write(self) -> None:
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path, "w") as f:
+                json.dump(self.doc, f, indent=2)
+
+
+def guarded(fn: Callable[[], dict], device: torch.device) -> dict:
+    """Run one configuration; an out-of-memory error becomes a row instead of a crash."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as e:
+        return {"status": "oom", "error": str(e).splitlines()[0][:200]}
+    finally:
+        reset_memory(device)
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    print(" | ".join(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        print(" | ".join(cells))

@@ -1,0 +1,167 @@
+"""Stage-1 (tokenizer) training step on one device, without Ray: step time, images/s, counted
+FLOPs per image, MFU against a bf16 matmul peak measured in the same run, peak memory.
+
+The step is the `paper` preset's: DINOv2-B/14-reg4 at 224 px with only `cls_token` trainable
+(forward + backward to the cls token), its frozen target copy (forward, no grad), and the XL
+decoder on 4x32x32 SD-VAE latents given precomputed (images 256 px); bf16 autocast, fused
+AdamW, gradient clipping at 1.0. Random weights (`EncoderConfig(weights="random")`).
+
+    python benchmarks/bench_stage1.py --runs eager:128,regional:256,full:256 --out s1.json
+    python benchmarks/bench_stage1.py --tiny --device cpu --runs eager:4,regional:4   # smoke
+
+Run specs are `mode:batch[:ac]`, mode eager | regional (torch.compile per block) | full
+(torch.compile of the whole loss), `ac` = activation checkpointing of the decoder blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import _bench_common as bc  # noqa: I001  (sets sys.path for reptok_core)
+from reptok_core.encoder import EncoderConfig
+from reptok_core.latent_space import PixelSpace
+from reptok_core.perf import count_flops, measure_matmul_peak, mfu, summarize, time_calls
+from reptok_core.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
+
+
+class PrecomputedLatents(PixelSpace):
+    """Stands in for the SD-VAE: the step gets its latents precomputed (the Parquet column)."""
+
+    def __init__(self, channels: int, downsample: int):
+        super().__init__()
+        self.channels, self.downsample = channels, downsample
+
+
+def build(tiny: bool, device: torch.device) -> Tokenizer:
+    cfg = tokenizer_tiny() if tiny else tokenizer_paper()
+    cfg.encoder = EncoderConfig(**{**cfg.encoder.__dict__, "weights": "random"})
+    latents = PrecomputedLatents(
+        cfg.decoder.in_channels, cfg.image_size // cfg.decoder.input_size
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Tokenizer(cfg, latent_space=latents).to(device).train()
+
+
+def blocks_of(model: Tokenizer) -> list[torch.nn.Module]:
+    enc = model.encoder
+    return [*model.decoder.blocks, *enc.vit.blocks, *enc.frozen.blocks]
+
+
+def batch_of(model: Tokenizer, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    s = model.cfg.image_size
+    gen = torch.Generator(device=device).manual_seed(1)
+    images = torch.rand(b, 3, s, s, device=device, generator=gen) * 2 - 1
+    latents = torch.randn(b, *model.latent_shape(), device=device, generator=gen)
+    return images, latents
+
+
+def make_loss(model: Tokenizer, bf16: bool):
+    def loss(images: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model.loss(images, latents)["total"]
+
+    return loss
+
+
+def make_step(model: Tokenizer, loss_fn, opt, params, images, latents):
+    def step() -> None:
+        loss_fn(images, latents).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def flops_per_image(model: Tokenizer, device: torch.device, bf16: bool, batch: int) -> float:
+    """Counted on one eager forward + backward (the work the compiled step must also do)."""
+    images, latents = batch_of(model, batch, device)
+    loss_fn = make_loss(model, bf16)
+    flops = count_flops(lambda: loss_fn(images, latents).backward())
+    model.zero_grad(set_to_none=True)
+    return flops / batch
+
+
+def run_one(model, spec: bc.RunSpec, device, args, fpi: float, peak: float) -> dict:
+    bf16 = device.type == "cuda"
+    params = model.trainable_parameters()
+    torch._dynamo.reset()
+    model.decoder.grad_checkpointing = spec.ac
+    loss_fn = make_loss(model, bf16)
+    if spec.mode == "full":
+        loss_fn = torch.compile(loss_fn, dynamic=False)
+    elif spec.mode == "regional":
+        bc.compile_blocks(blocks_of(model))
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), fused=device.type == "cuda")
+    images, latents = batch_of(model, spec.batch, device)
+    step = make_step(model, loss_fn, opt, params, images, latents)
+    try:
+        first = time_calls(step, device, iters=1)[0]  # includes compilation
+        times = time_calls(step, device, iters=args.steps, warmup=args.warmup)
+    finally:
+        bc.uncompile_blocks(blocks_of(model))
+        model.decoder.grad_checkpointing = False
+        model.zero_grad(set_to_none=True)
+        del opt
+    st = summarize(times)
+    step_s = st["median_s"]
+    return {
+        "status": "ok",
+        "first_step_s": first,
+        "step_s": step_s,
+        "step_p90_s": st["p90_s"],
+        "images_per_s": spec.batch / step_s,
+        "tflops_per_s": fpi * spec.batch / step_s / 1e12,
+        "mfu": mfu(fpi * spec.batch, step_s, peak),
+        "peak_mem_gb": bc.peak_memory_gb(device),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--runs", default="eager:128,regional:128,regional:256")
+    p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny preset (CPU smoke test)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    p.add_argument("--flops-batch", type=int, default=8, help="batch of the FLOP-count step")
+    p.add_argument("--time-budget", type=float, default=0, help="skip runs after this many s")
+    p.add_argument("--out", default="", help="JSON results (rewritten after every run)")
+    args = p.parse_args()
+    device = bc.pick_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    peak = measure_matmul_peak(device)
+    model = build(args.tiny, device)
+    n_dec = sum(p.numel() for p in model.decoder.parameters())
+    fpi = flops_per_image(model, device, device.type == "cuda", args.flops_batch)
+    res = bc.Results(
+        args.out,
+        {
+            "bench": "stage1",
+            "preset": "tiny" if args.tiny else "paper",
+            "env": bc.environment(device),
+            "matmul_peak_tflops": peak / 1e12,
+            "decoder_params_m": n_dec / 1e6,
+            "flops_per_image_g": fpi / 1e9,
+        },
+    )
+    print(f"peak {peak / 1e12:.1f} TFLOP/s, {fpi / 1e9:.1f} GFLOP/image, decoder {n_dec / 1e6:.0f}M")
+    for spec in bc.parse_runs(args.runs):
+        if args.time_budget and res.elapsed() > args.time_budget:
+            res.add({"run": spec.name, "status": "skipped (time budget)"})
+            continue
+        row = bc.guarded(lambda s=spec: run_one(model, s, device, args, fpi, peak), device)
+        res.add({"run": spec.name, "batch": spec.batch, **row})
+    cols = ["run", "status", "step_s", "images_per_s", "tflops_per_s", "mfu", "peak_mem_gb"]
+    bc.print_table(res.doc["runs"], cols + ["first_step_s"])
+
+
+if __name__ == "__main__":
+    main()
