@@ -20,26 +20,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 @dataclass
 class RunSpec:
-    """One benchmark configuration, written `mode:batch[:ac]` on the command line.
+    """One benchmark configuration, written `mode:batch[:option]` on the command line.
 
     mode: `eager`, `regional` (torch.compile of every transformer / mixer block, compiled once
     and reused by all blocks of the same shape) or `full` (torch.compile of the whole loss).
+    option: a benchmark-specific switch (stage 1: `ac`; stage 2: `mm`).
     """
 
     mode: str
     batch: int
-    ac: bool = False
+    option: str = ""
 
     @classmethod
     def parse(cls, text: str) -> RunSpec:
         parts = text.split(":")
         if len(parts) not in (2, 3) or parts[0] not in ("eager", "regional", "full"):
-            raise ValueError(f"run spec {text!r}: expected eager|regional|full:BATCH[:ac]")
-        return cls(parts[0], int(parts[1]), len(parts) == 3 and parts[2] == "ac")
+            raise ValueError(f"run spec {text!r}: expected eager|regional|full:BATCH[:option]")
+        return cls(parts[0], int(parts[1]), parts[2] if len(parts) == 3 else "")
 
     @property
     def name(self) -> str:
-        return f"{self.mode}:{self.batch}" + (":ac" if self.ac else "")
+        return f"{self.mode}:{self.batch}" + (f":{self.option}" if self.option else "")
 
 
 def parse_runs(text: str) -> list[RunSpec]:

@@ -89,7 +89,7 @@ def run_one(model, spec: bc.RunSpec, device, args, fpi: float, peak: float) -> d
     bf16 = device.type == "cuda"
     params = model.trainable_parameters()
     torch._dynamo.reset()
-    model.decoder.grad_checkpointing = spec.ac
+    model.decoder.grad_checkpointing = spec.option == "ac"
     loss_fn = make_loss(model, bf16)
     if spec.mode == "full":
         loss_fn = torch.compile(loss_fn, dynamic=False)

@@ -81,6 +81,7 @@ def test_label_probe_separates_classes():
     assert (fid.probe_probs(probe, feats).argmax(1) == labels).mean() > 0.95
 
 
+@pytest.mark.slow  # Inception at 299 px: ~0.2-1 s per image on 2 shared CPU cores
 def test_inception_weights_offline_and_plug_into_torchmetrics(inception, fashion_u8):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -92,6 +93,7 @@ def test_inception_weights_offline_and_plug_into_torchmetrics(inception, fashion
     assert abs(metric.compute().item()) < 1e-2
 
 
+@pytest.mark.slow
 def test_fid_self_zero_noise_large(inception, fashion_u8):
     x = torch.from_numpy(fashion_u8).permute(0, 3, 1, 2)
     real = fid.FeatureStats.from_features(fid.extract_features(inception, x))

@@ -1,0 +1,134 @@
+"""Stage-2 (class-conditional MLP-Mixer) training step on one device, without Ray: step time,
+samples/s, counted FLOPs per sample, MFU against a bf16 matmul peak measured in the same run,
+peak memory.
+
+The step is the `paper` mixer's (width 1536, depth 28, 3 tokens): rectified-flow loss on
+normalised 768-d tokens with label dropout 0.1, bf16 autocast, fused AdamW, gradient clipping.
+
+    python benchmarks/bench_stage2.py --runs eager:1024,regional:1024,regional:4096 --out s2.json
+    python benchmarks/bench_stage2.py --tiny --device cpu --runs eager:8,regional:8   # smoke
+
+Run specs are `mode:batch[:mm]`, mode eager | regional (torch.compile per mixer block) | full
+(torch.compile of the whole loss). By default compiled runs use the fused (pointwise) token
+mixing of `reptok_core.mixer.token_mix_pointwise`; `:mm` keeps the token-mixing MLP as two
+matmuls under compilation too (the official form), for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import _bench_common as bc  # noqa: I001  (sets sys.path for reptok_core)
+from reptok_core import flow
+from reptok_core.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
+from reptok_core.perf import count_flops, measure_matmul_peak, mfu, summarize, time_calls
+
+
+def batch_of(model: MixerGenerator, b: int, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(1)
+    z = torch.randn(b, model.cfg.token_dim, device=device, generator=gen)
+    y = torch.randint(0, model.cfg.num_classes, (b,), device=device, generator=gen)
+    return z, y
+
+
+def make_loss(model: MixerGenerator, bf16: bool):
+    def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
+            y = model.drop_labels(y)
+            return flow.flow_loss(lambda x, t: model(x, t, y), z)
+
+    return loss
+
+
+def run_one(model, spec: bc.RunSpec, device, args, fps: float, peak: float) -> dict:
+    bf16 = device.type == "cuda"
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch._dynamo.reset()
+    MixerBlock.pointwise_token_mix_when_compiling = spec.option != "mm"
+    loss_fn = make_loss(model, bf16)
+    if spec.mode == "full":
+        loss_fn = torch.compile(loss_fn, dynamic=False)
+    elif spec.mode == "regional":
+        bc.compile_blocks(model.blocks)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), fused=device.type == "cuda")
+    z, y = batch_of(model, spec.batch, device)
+
+    def step() -> None:
+        loss_fn(z, y).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        first = time_calls(step, device, iters=1)[0]  # includes compilation
+        times = time_calls(step, device, iters=args.steps, warmup=args.warmup)
+    finally:
+        bc.uncompile_blocks(model.blocks)
+        model.zero_grad(set_to_none=True)
+        del opt
+    st = summarize(times)
+    step_s = st["median_s"]
+    return {
+        "status": "ok",
+        "first_step_s": first,
+        "step_s": step_s,
+        "step_p90_s": st["p90_s"],
+        "samples_per_s": spec.batch / step_s,
+        "tflops_per_s": fps * spec.batch / step_s / 1e12,
+        "mfu": mfu(fps * spec.batch, step_s, peak),
+        "peak_mem_gb": bc.peak_memory_gb(device),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--runs", default="eager:1024,regional:1024,regional:4096")
+    p.add_argument("--device", default=None)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--flops-batch", type=int, default=64)
+    p.add_argument("--time-budget", type=float, default=0)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    device = bc.pick_device(args.device)
+
+    peak = measure_matmul_peak(device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MixerGenerator(mixer_tiny() if args.tiny else mixer_paper()).to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    z, y = batch_of(model, args.flops_batch, device)
+    loss_fn = make_loss(model, device.type == "cuda")
+    # Counted on the eager model, whose token mixing is two matmuls: the model's FLOPs do not
+    # depend on how the compiled step fuses them.
+    fps = count_flops(lambda: loss_fn(z, y).backward()) / args.flops_batch
+    model.zero_grad(set_to_none=True)
+    res = bc.Results(
+        args.out,
+        {
+            "bench": "stage2",
+            "preset": "tiny" if args.tiny else "paper",
+            "env": bc.environment(device),
+            "matmul_peak_tflops": peak / 1e12,
+            "params_m": n_params / 1e6,
+            "flops_per_sample_g": fps / 1e9,
+        },
+    )
+    print(f"peak {peak / 1e12:.1f} TFLOP/s, {fps / 1e9:.2f} GFLOP/sample, {n_params / 1e6:.0f}M")
+    for spec in bc.parse_runs(args.runs):
+        if args.time_budget and res.elapsed() > args.time_budget:
+            res.add({"run": spec.name, "status": "skipped (time budget)"})
+            continue
+        row = bc.guarded(lambda s=spec: run_one(model, s, device, args, fps, peak), device)
+        res.add({"run": spec.name, "batch": spec.batch, **row})
+    cols = ["run", "status", "step_s", "samples_per_s", "tflops_per_s", "mfu", "peak_mem_gb"]
+    bc.print_table(res.doc["runs"], cols + ["first_step_s"])
+
+
+if __name__ == "__main__":
+    main()
