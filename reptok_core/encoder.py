@@ -9,7 +9,7 @@ Ablations: random init, fine-tuning the full encoder or its last N blocks, or no
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import timm
@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reptok_core.config import opt
 from reptok_core.weights import load_state_dict_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,15 +26,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class EncoderConfig:
-    timm_name: str = "vit_base_patch14_reg4_dinov2"
-    img_size: int = 224
-    # Architecture overrides passed to timm.create_model (embed_dim, depth, num_heads, patch_size…)
-    arch: dict[str, Any] = field(default_factory=dict)
-    # "hub" (timm pretrained=True), "random", or a local path / s3:// URI to a state dict
-    weights: str = "hub"
-    # "cls" (the paper), "full", "last:N", or "none" (the frozen-[cls] ablation)
-    finetune: str = "cls"
-    cos_weight: float = 0.1
+    timm_name: str = opt(
+        "vit_base_patch14_reg4_dinov2", "timm ViT with registers (the paper: DINOv2-B/14 reg4)"
+    )
+    img_size: int = opt(224, "encoder input side; images are center-cropped and resized to it")
+    arch: dict[str, Any] = opt(
+        {}, "timm.create_model overrides: embed_dim, depth, num_heads, patch_size…"
+    )
+    weights: str = opt(
+        "hub",
+        "'hub' (timm pretrained), 'random', or a file / s3:// URI (timm or official DINOv2 layout)",
+    )
+    finetune: str = opt(
+        "cls", "'cls' (the paper: [cls] embedding only), 'full', 'last:N' blocks, 'none'"
+    )
+    cos_weight: float = opt(
+        0.1, "λ of the cosine regulariser λ·(1 − cos(z, z_frozen)); 0 disables it"
+    )
 
 
 def encoder_tiny() -> EncoderConfig:

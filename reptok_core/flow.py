@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from reptok_core.config import opt
+
 # velocity_fn(x_t, t) -> v; t is a (B,) tensor.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -49,9 +51,11 @@ def sample_t(
 
 @dataclass
 class FlowConfig:
-    t_sampler: str = "logit_normal"
-    t_mean: float = 0.0
-    t_std: float = 1.0
+    t_sampler: str = opt(
+        "logit_normal", "training-time sampler: 'logit_normal' (the paper) or 'uniform'"
+    )
+    t_mean: float = opt(0.0, "logit-normal location")
+    t_std: float = opt(1.0, "logit-normal scale")
 
 
 def flow_loss(

@@ -11,14 +11,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from reptok_core.config import opt
+
 
 @dataclass
 class LatentSpaceConfig:
-    kind: str = "sd-vae"  # "pixel" or "sd-vae"
-    # Hub id or local folder of a diffusers AutoencoderKL (sd-vae-ft-mse in the paper)
-    vae: str = "stabilityai/sd-vae-ft-mse"
-    scaling_factor: float = 0.18215
-    sample: bool = True  # sample the VAE posterior (True) or take its mean
+    kind: str = opt(
+        "sd-vae", "'pixel' (decode pixels directly) or 'sd-vae' (Stable Diffusion VAE latents)"
+    )
+    vae: str = opt(
+        "stabilityai/sd-vae-ft-mse", "hub id or local folder of a diffusers AutoencoderKL"
+    )
+    scaling_factor: float = opt(0.18215, "latents are multiplied by this (the SD-VAE's own factor)")
+    sample: bool = opt(True, "sample the VAE posterior (true) or take its mean (false)")
 
 
 class PixelSpace(nn.Module):

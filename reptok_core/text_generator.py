@@ -8,19 +8,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from reptok_core.config import opt
 from reptok_core.layers import MLP, Attention, CrossAttention, FourierTimeEmbedding
 
 
 @dataclass
 class TextGeneratorConfig:
-    token_dim: int = 768
-    text_dim: int = 384  # hidden size of the text encoder (MiniLM-L6: 384)
-    width: int = 1152
-    depth: int = 24
-    heads: int = 16
-    mlp_ratio: float = 4.0
-    num_learnable_tokens: int = 4
-    caption_dropout: float = 0.1
+    token_dim: int = opt(768, "image-token dimension (the tokenizer's encoder width)")
+    text_dim: int = opt(384, "hidden size of the text encoder's token states (MiniLM-L6: 384)")
+    width: int = opt(1152, "transformer width")
+    depth: int = opt(24, "transformer blocks (self-attention + cross-attention to text + MLP)")
+    heads: int = opt(16, "attention heads")
+    mlp_ratio: float = opt(4.0, "MLP hidden size as a multiple of width")
+    num_learnable_tokens: int = opt(4, "learnable tokens concatenated to the noisy token")
+    caption_dropout: float = opt(
+        0.1, "probability a caption is replaced by the null text (trains CFG)"
+    )
 
 
 def text_generator_tiny(**kw) -> TextGeneratorConfig:

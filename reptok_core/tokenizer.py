@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from reptok_core import flow
+from reptok_core.config import opt, section
 from reptok_core.decoder import DECODER_PRESETS, Decoder, DecoderConfig
 from reptok_core.encoder import ENCODER_PRESETS, EncoderConfig, SSLEncoder, cosine_loss
 from reptok_core.latent_space import LatentSpaceConfig, PixelSpace, build_latent_space
@@ -15,11 +16,13 @@ from reptok_core.latent_space import LatentSpaceConfig, PixelSpace, build_latent
 
 @dataclass
 class TokenizerConfig:
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    latent: LatentSpaceConfig = field(default_factory=LatentSpaceConfig)
-    flow: flow.FlowConfig = field(default_factory=flow.FlowConfig)
-    image_size: int = 256
+    encoder: EncoderConfig = section(EncoderConfig, "the self-supervised ViT that gives the token")
+    decoder: DecoderConfig = section(DecoderConfig, "the flow-matching decoder transformer")
+    latent: LatentSpaceConfig = section(
+        LatentSpaceConfig, "where the decoder works: pixels or SD-VAE latents"
+    )
+    flow: flow.FlowConfig = section(flow.FlowConfig, "rectified-flow training")
+    image_size: int = opt(256, "image side in pixels (must match the prepared data)")
 
 
 def tokenizer_tiny() -> TokenizerConfig:

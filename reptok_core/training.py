@@ -14,18 +14,26 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from reptok_core.config import opt
+
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    warmup_steps: int = 1000
-    schedule: str = "constant"  # "constant" or "cosine" (to min_lr_ratio * lr at the last step)
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = opt(
+        0.0, "AdamW weight decay on matrices (not on norms, biases, embeddings of rank 1)"
+    )
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.99, "AdamW beta2")
+    warmup_steps: int = opt(1000, "linear warm-up steps")
+    schedule: str = opt(
+        "constant", "after warm-up: 'constant' or 'cosine' (down to min_lr_ratio·lr)"
+    )
+    min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of lr")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    ema_decay: float = opt(
+        0.9999, "EMA decay of the trainable weights (EMA weights are evaluated and exported)"
+    )
 
 
 def build_optimizer(
