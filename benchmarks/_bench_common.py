@@ -62,7 +62,9 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, sms=props.multi_processor_count, mem_gb=props.total_memory / 2**30)
+        env.update(
+            gpu=props.name, sms=props.multi_processor_count, mem_gb=props.total_memory / 2**30
+        )
     return env
 
 

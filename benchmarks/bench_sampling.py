@@ -22,9 +22,9 @@ import argparse
 import statistics
 import time
 
+import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
-import _bench_common as bc  # noqa: I001  (sets sys.path for reptok_core)
 from reptok_core import flow
 from reptok_core.decoder import Decoder, decoder_paper, decoder_tiny
 from reptok_core.latent_space import SDVAESpace
@@ -95,7 +95,11 @@ class Generator:
         d = mixer.cfg.token_dim
         self.token_mean = torch.zeros(d, device=dev)  # the token Parquet's statistics
         self.token_std = torch.ones(d, device=dev)
-        self.latent_shape = (decoder.cfg.in_channels, decoder.cfg.input_size, decoder.cfg.input_size)
+        self.latent_shape = (
+            decoder.cfg.in_channels,
+            decoder.cfg.input_size,
+            decoder.cfg.input_size,
+        )
 
     def _dtype(self, m: torch.nn.Module) -> torch.dtype:
         return next(m.parameters()).dtype
@@ -247,8 +251,12 @@ def main() -> None:
     mixer, decoder, vae = build(args.tiny, device)
     res = bc.Results(
         args.out,
-        {"bench": "sampling", "preset": "tiny" if args.tiny else "paper", "steps": args.steps,
-         "env": bc.environment(device)},
+        {
+            "bench": "sampling",
+            "preset": "tiny" if args.tiny else "paper",
+            "steps": args.steps,
+            "env": bc.environment(device),
+        },
     )
 
     # Same math check in fp32: fast schedule + batched CFG vs the reference path.
@@ -299,9 +307,7 @@ def main() -> None:
                 del fn
             if mode == "compiled":
                 bc.uncompile_blocks([*mixer.blocks, *decoder.blocks])
-    bc.print_table(
-        res.doc["runs"], ["mode", "batch", "p50_s", "p90_s", "images_per_s", "setup_s"]
-    )
+    bc.print_table(res.doc["runs"], ["mode", "batch", "p50_s", "p90_s", "images_per_s", "setup_s"])
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 
+import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
-import _bench_common as bc  # noqa: I001  (sets sys.path for reptok_core)
 from reptok_core.encoder import EncoderConfig
 from reptok_core.latent_space import PixelSpace
 from reptok_core.perf import count_flops, measure_matmul_peak, mfu, summarize, time_calls
@@ -37,9 +37,7 @@ class PrecomputedLatents(PixelSpace):
 def build(tiny: bool, device: torch.device) -> Tokenizer:
     cfg = tokenizer_tiny() if tiny else tokenizer_paper()
     cfg.encoder = EncoderConfig(**{**cfg.encoder.__dict__, "weights": "random"})
-    latents = PrecomputedLatents(
-        cfg.decoder.in_channels, cfg.image_size // cfg.decoder.input_size
-    )
+    latents = PrecomputedLatents(cfg.decoder.in_channels, cfg.image_size // cfg.decoder.input_size)
     torch.manual_seed(0)
     with torch.device(device):
         return Tokenizer(cfg, latent_space=latents).to(device).train()
@@ -152,7 +150,9 @@ def main() -> None:
             "flops_per_image_g": fpi / 1e9,
         },
     )
-    print(f"peak {peak / 1e12:.1f} TFLOP/s, {fpi / 1e9:.1f} GFLOP/image, decoder {n_dec / 1e6:.0f}M")
+    print(
+        f"peak {peak / 1e12:.1f} TFLOP/s, {fpi / 1e9:.1f} GFLOP/image, decoder {n_dec / 1e6:.0f}M"
+    )
     for spec in bc.parse_runs(args.runs):
         if args.time_budget and res.elapsed() > args.time_budget:
             res.add({"run": spec.name, "status": "skipped (time budget)"})

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 
+import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
-import _bench_common as bc  # noqa: I001  (sets sys.path for reptok_core)
 from reptok_core import flow
 from reptok_core.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
 from reptok_core.perf import count_flops, measure_matmul_peak, mfu, summarize, time_calls
@@ -67,7 +67,6 @@ def run_one(model, spec: bc.RunSpec, device, args, fps: float, peak: float) -> d
     finally:
         bc.uncompile_blocks(model.blocks)
         model.zero_grad(set_to_none=True)
-        del opt
     st = summarize(times)
     step_s = st["median_s"]
     return {

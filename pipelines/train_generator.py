@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from pipelines import common, token_data, train_loop  # noqa: E402
+from pipelines import common, ray_trainer, token_data, train_loop  # noqa: E402
 from reptok_core import storage  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
 from reptok_core.generator_task import GeneratorConfig  # noqa: E402
@@ -104,9 +104,6 @@ def main(argv: list[str] | None = None) -> str:
     fit_to_tokens(cfg, manifest, captions)
     caption_list = captions["captions"] if captions else None
     common.init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
     tags = {
         "reptok.tokens": cfg.data.train,
@@ -173,31 +170,16 @@ def main(argv: list[str] | None = None) -> str:
             local_batches=True,
         )
 
-    storage_path, storage_fs = common.ray_storage(cfg.run)
-    trainer = TorchTrainer(
+    return ray_trainer.fit(
         train_fn,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.run.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
+        run=cfg.run,
+        run_id=run_id,
+        use_gpu=use_gpu,
+        stop_at_step=cfg.loop.stop_at_step,
+        total_steps=cfg.loop.steps,
+        export_uri=out_uri,
+        artifact="generator",
     )
-    try:
-        trainer.fit()
-    except Exception:
-        common.finish_mlflow_run(cfg.run, run_id, "FAILED")
-        raise
-    if cfg.loop.stop_at_step and cfg.loop.stop_at_step < cfg.loop.steps:
-        print(f"[train_generator] stopped at step {cfg.loop.stop_at_step}; run again to continue")
-        return run_id
     version = common.register_export(cfg.run, run_id, out_uri, "generator")
     common.finish_mlflow_run(cfg.run, run_id)
     print(f"[train_generator] export: {out_uri}")

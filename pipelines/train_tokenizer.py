@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines import common, image_data, train_loop  # noqa: E402
+from pipelines import common, image_data, ray_trainer, train_loop  # noqa: E402
 from reptok_core import storage  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
 from reptok_core.tokenizer import TokenizerConfig  # noqa: E402
@@ -50,9 +50,6 @@ def main(argv: list[str] | None = None) -> str:
             "error: data.train is required (an images Parquet prefix from prepare_data)"
         )
     common.init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
     run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="tokenizer")
     tracking_uri = common.mlflow_uri(cfg.run)
@@ -77,32 +74,17 @@ def main(argv: list[str] | None = None) -> str:
             run_dir=run_dir,
         )
 
-    storage_path, storage_fs = common.ray_storage(cfg.run)
-    trainer = TorchTrainer(
+    return ray_trainer.fit(
         train_fn,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.run.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
+        run=cfg.run,
+        run_id=run_id,
+        use_gpu=use_gpu,
+        stop_at_step=cfg.loop.stop_at_step,
+        total_steps=cfg.loop.steps,
+        export_uri=out_uri,
+        artifact="tokenizer",
         datasets={"train": train_ds},
     )
-    try:
-        trainer.fit()
-    except Exception:
-        common.finish_mlflow_run(cfg.run, run_id, "FAILED")
-        raise
-    if cfg.loop.stop_at_step and cfg.loop.stop_at_step < cfg.loop.steps:
-        print(f"[train_tokenizer] stopped at step {cfg.loop.stop_at_step}; run again to continue")
-        return run_id
     version = common.register_export(cfg.run, run_id, out_uri, "tokenizer")
     common.finish_mlflow_run(cfg.run, run_id)
     print(f"[train_tokenizer] export: {out_uri}")

@@ -81,15 +81,14 @@ def measure_matmul_peak(
             for _ in range(2)
         ]
         out = torch.empty(n, n, device=device, dtype=dtype)
-        k = iter(range(10**9))
+        calls = iter(range(10**9))
 
-        def mm() -> None:
-            a, b = pairs[next(k) % len(pairs)]
+        def mm(pairs=pairs, out=out, calls=calls) -> None:
+            a, b = pairs[next(calls) % len(pairs)]
             torch.mm(a, b, out=out)
 
         times = time_calls(mm, device, iters=iters, warmup=3)
         best = max(best, 2 * n**3 / statistics.median(times))
-        del pairs, out
     return best
 
 
