@@ -180,14 +180,6 @@ def main(argv: list[str] | None = None) -> str:
         export_uri=out_uri,
         artifact="generator",
     )
-    version = common.register_export(cfg.run, run_id, out_uri, "generator")
-    common.finish_mlflow_run(cfg.run, run_id)
-    print(f"[train_generator] export: {out_uri}")
-    print(
-        f"[train_generator] MLflow run {run_id}"
-        + (f", registered {cfg.run.register_as} v{version}" if version else "")
-    )
-    return run_id
 
 
 if __name__ == "__main__":

@@ -85,14 +85,6 @@ def main(argv: list[str] | None = None) -> str:
         artifact="tokenizer",
         datasets={"train": train_ds},
     )
-    version = common.register_export(cfg.run, run_id, out_uri, "tokenizer")
-    common.finish_mlflow_run(cfg.run, run_id)
-    print(f"[train_tokenizer] export: {out_uri}")
-    print(
-        f"[train_tokenizer] MLflow run {run_id}"
-        + (f", registered {cfg.run.register_as} v{version}" if version else "")
-    )
-    return run_id
 
 
 if __name__ == "__main__":
