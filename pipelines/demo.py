@@ -26,7 +26,7 @@ class DemoSettings:
     out: str = opt("demo_out", "folder for data, runs, the MLflow store and the generated images")
     images: int = opt(4000, "Fashion-MNIST training images to prepare (of 60,000)")
     resolution: int = opt(32, "image side in pixels")
-    eval_images: int = opt(200, "held-out images / samples for evaluate (FID on CPU is slow)")
+    eval_images: int = opt(100, "held-out images / samples for evaluate (FID on CPU is slow)")
     port: int = opt(8000, "port of the demo's Serve endpoint on 127.0.0.1")
 
 
