@@ -109,16 +109,34 @@ class Tokenizer(nn.Module):
         s = self.cfg.decoder.input_size
         return (self.cfg.decoder.in_channels, s, s)
 
+    def seeded_noise(self, n: int, seed: int | None = 0) -> torch.Tensor:
+        """The starting noise `decode(seed=seed)` draws for n tokens: float32 randn (n, C, H, W)
+        from a seeded CPU generator, so it is the same on every device."""
+        gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+        return torch.randn((n, *self.latent_shape()), generator=gen)
+
     @torch.no_grad()
     def decode(
-        self, tokens: torch.Tensor, steps: int = 50, seed: int | None = 0, method: str = "euler"
+        self,
+        tokens: torch.Tensor,
+        steps: int = 50,
+        seed: int | None = 0,
+        method: str = "euler",
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tokens (B, D) -> images in [-1, 1]; the same seed gives the same images."""
-        gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
-        noise = torch.randn((tokens.shape[0], *self.latent_shape()), generator=gen).to(
-            tokens.device
-        )
-        noise = noise.to(next(self.decoder.parameters()).dtype)
+        """Tokens (B, D) -> images in [-1, 1]; the same seed gives the same images.
+
+        `noise` (B, C, H, W), when given, is the flow's starting point instead of
+        `seeded_noise(B, seed)`: e.g. rows drawn with different seeds, one per token.
+        """
+        if noise is None:
+            noise = self.seeded_noise(tokens.shape[0], seed)
+        elif tuple(noise.shape) != (tokens.shape[0], *self.latent_shape()):
+            raise ValueError(
+                f"noise has shape {tuple(noise.shape)}; "
+                f"expected {(tokens.shape[0], *self.latent_shape())}"
+            )
+        noise = noise.to(tokens.device, next(self.decoder.parameters()).dtype)
         latents = flow.sample(lambda x, t: self.decoder(x, t, tokens), noise, steps, method)
         return self.latent_space.decode(latents)
 

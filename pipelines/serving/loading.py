@@ -1,0 +1,92 @@
+"""Loading one generation of models (tokenizer + optional generators) for a Models replica.
+
+References are export folders (path or s3://) or registry URIs (`models:/name@alias`); a
+registry reference is pinned to the version it resolves to now, so an alias that moved counts
+as a change. Only what changed is loaded again; the rest is carried over from the old set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipelines import model_uri
+from pipelines.serving.config import ModelSettings
+
+if TYPE_CHECKING:  # torch is imported on the replicas only, not by the ingress or the CLI
+    import torch
+
+ROLES = ("tokenizer", "generator", "text_generator")
+
+
+@dataclass
+class Loaded:
+    """Everything one model generation needs; swapped as a whole so requests never see a mix."""
+
+    refs: dict[str, tuple[str, str]]  # role -> (reference, registry version)
+    tokenizer: Any
+    generator: Any = None
+    text_generator: Any = None
+    text_encoder: Any = None
+
+
+def _version(ref: str, settings: ModelSettings) -> str:
+    return (
+        model_uri.registry_version(ref, settings.mlflow_uri) if model_uri.is_registry(ref) else ""
+    )
+
+
+def load_changed(
+    old: Loaded | None, settings: ModelSettings, device: torch.device
+) -> Loaded | None:
+    """The models `settings` ask for, reusing what `old` already holds; None when nothing
+    changed (same references, same registry versions). Raises ValueError on a bad combination."""
+    from reptok_core.generator_task import load_generator
+    from reptok_core.text_encoder import OFFLINE_MINILM, TextEncoder
+    from reptok_core.tokenizer_task import load_tokenizer
+
+    wanted = {role: getattr(settings, role) for role in ROLES}
+    if not wanted["tokenizer"]:
+        raise ValueError("model.tokenizer is empty: give an export folder or models:/ URI")
+    refs = {r: (ref, _version(ref, settings)) for r, ref in wanted.items() if ref}
+    if old is not None and old.refs == refs:
+        return None
+
+    def fetch(role: str) -> str:
+        cache = settings.cache_dir or None
+        return model_uri.resolve(wanted[role], settings.mlflow_uri, cache).folder
+
+    def same(role: str) -> bool:
+        return old is not None and old.refs.get(role) == refs.get(role)
+
+    new = Loaded(
+        refs=refs,
+        tokenizer=old.tokenizer
+        if same("tokenizer")
+        else load_tokenizer(fetch("tokenizer"), device),
+    )
+    if "generator" in refs:
+        new.generator = (
+            old.generator if same("generator") else load_generator(fetch("generator"), device)
+        )
+        if new.generator.cfg.kind != "class":
+            raise ValueError(f"model.generator {wanted['generator']!r} is not class-conditional")
+    if "text_generator" in refs:
+        if same("text_generator"):
+            new.text_generator, new.text_encoder = old.text_generator, old.text_encoder
+        else:
+            new.text_generator = load_generator(fetch("text_generator"), device)
+            if new.text_generator.cfg.kind != "text":
+                raise ValueError(
+                    f"model.text_generator {wanted['text_generator']!r} is not text-conditioned"
+                )
+            name = new.text_generator.text_encoder or OFFLINE_MINILM
+            new.text_encoder = TextEncoder(name).to(device)
+    for role in ("generator", "text_generator"):
+        g = getattr(new, role)
+        if g is not None and g.normalizer.mean.numel() != new.tokenizer.token_dim:
+            raise ValueError(
+                f"model.{role} makes {g.normalizer.mean.numel()}-d tokens but the "
+                f"tokenizer's are {new.tokenizer.token_dim}-d"
+            )
+    return new
