@@ -3,7 +3,8 @@
 A *task* (reptok_core.tokenizer_task.TokenizerTask, reptok_core.generator_task...) supplies the
 model and what a batch means; this loop supplies everything around it: FSDP2, optimizer and
 EMA, sharded checkpoints with resume, data position, MLflow logging from rank 0, evaluation,
-sample grids, progress, and the final consolidated export of the EMA weights.
+sample grids, progress, and the final consolidated export of the EMA weights. A task may define
+`after_step(step)` for work after each optimiser step (stage 0's teacher EMA).
 
 Data reaches the loop either as the Ray Dataset shard "train" (streamed, the default) or, with
 `local_batches=True`, from the task itself: `task.epoch_batches(epoch, batch_size, seed)` yields
@@ -234,6 +235,8 @@ def run(
     if eval_batch is not None:
         eval_batch = {k: torch.as_tensor(v) for k, v in eval_batch.items()}
     batches = _epochs(epoch_iter, state["epoch"], state["batch_in_epoch"])
+    # Optional task hook, called with the number of finished steps after each optimiser step.
+    after_step = getattr(task, "after_step", None)
     t_last, imgs_since = time.time(), 0
     t_start = time.time()
     epoch, index = state["epoch"], state["batch_in_epoch"] - 1
@@ -254,6 +257,8 @@ def run(
             ema=ema,
         )
         step += 1
+        if after_step is not None:  # e.g. stage 0 moves its EMA teacher after every step
+            after_step(step)
         imgs_since += loop.batch_size * world_size
         if step % loop.log_every == 0 or step == loop.steps:
             now = time.time()
