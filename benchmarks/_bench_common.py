@@ -134,3 +134,18 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
             v = r.get(c, "")
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         print(" | ".join(cells))
+
+
+def profile_to(step: Callable[[], object], path: str, device: torch.device, steps: int = 2) -> None:
+    """Top kernels of a few steps (torch.profiler), as a text table in `path`."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))

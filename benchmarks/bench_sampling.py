@@ -12,6 +12,7 @@ Modes (all with bf16 weights, the ODE state in fp32, random weights):
   the conditional and unconditional CFG branches in one batch, and each stage (mixer loop,
   decoder loop, VAE decode) captured as one CUDA graph; eager kernels.
 - `compiled`: as `graph`, with every mixer and decoder block torch.compile'd (regional).
+The mixer's token-mixing MLP uses the fused Triton kernels on CUDA unless --matmul-token-mix.
 Checks, printed and stored: `graph` in fp32 against `reference` in fp32 (same math: expect
 float rounding only), and bf16 `compiled` against fp32 `reference`.
 """
@@ -28,7 +29,7 @@ import torch
 from reptok_core import flow
 from reptok_core.decoder import Decoder, decoder_paper, decoder_tiny
 from reptok_core.latent_space import SDVAESpace
-from reptok_core.mixer import MixerGenerator, mixer_paper, mixer_tiny
+from reptok_core.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
 from reptok_core.perf import synchronize
 
 SD_VAE_FT_MSE = dict(
@@ -241,10 +242,12 @@ def main() -> None:
     p.add_argument("--batches", default="1,32", help="latency batch, then throughput batch(es)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--iters", type=int, default=30, help="timed calls (reference: a fifth)")
+    p.add_argument("--matmul-token-mix", action="store_true", help="mixer without Triton kernels")
     p.add_argument("--out", default="")
     args = p.parse_args()
     device = bc.pick_device(args.device)
     cuda = device.type == "cuda"
+    MixerBlock.fused_token_mix = not args.matmul_token_mix
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
 

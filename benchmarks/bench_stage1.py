@@ -9,16 +9,19 @@ AdamW, gradient clipping at 1.0. Random weights (`EncoderConfig(weights="random"
     python benchmarks/bench_stage1.py --runs eager:128,regional:256,full:256 --out s1.json
     python benchmarks/bench_stage1.py --tiny --device cpu --runs eager:4,regional:4   # smoke
 
-Run specs are `mode:batch[:ac]`, mode eager | regional (torch.compile per block) | full
-(torch.compile of the whole loss), `ac` = activation checkpointing of the decoder blocks.
+Run specs are `mode:batch[:option]`, mode eager | regional (torch.compile per block) | full
+(torch.compile of the whole loss); option `ac` = activation checkpointing of the decoder
+blocks, `cudnn` / `flash` = force that SDPA backend (PyTorch picks cuDNN by default here).
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from reptok_core.encoder import EncoderConfig
 from reptok_core.latent_space import PixelSpace
@@ -96,9 +99,14 @@ def run_one(model, spec: bc.RunSpec, device, args, fpi: float, peak: float) -> d
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), fused=device.type == "cuda")
     images, latents = batch_of(model, spec.batch, device)
     step = make_step(model, loss_fn, opt, params, images, latents)
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    attn = sdpa_kernel([backends[spec.option]]) if spec.option in backends else nullcontext()
     try:
-        first = time_calls(step, device, iters=1)[0]  # includes compilation
-        times = time_calls(step, device, iters=args.steps, warmup=args.warmup)
+        with attn:
+            first = time_calls(step, device, iters=1)[0]  # includes compilation
+            times = time_calls(step, device, iters=args.steps, warmup=args.warmup)
+            if args.profile == spec.name:
+                bc.profile_to(step, args.profile_out, device)
     finally:
         bc.uncompile_blocks(blocks_of(model))
         model.decoder.grad_checkpointing = False
@@ -130,6 +138,8 @@ def main() -> None:
     p.add_argument("--flops-batch", type=int, default=8, help="batch of the FLOP-count step")
     p.add_argument("--time-budget", type=float, default=0, help="skip runs after this many s")
     p.add_argument("--out", default="", help="JSON results (rewritten after every run)")
+    p.add_argument("--profile", default="", help="run spec to profile (top kernels) after timing")
+    p.add_argument("--profile-out", default="profile_stage1.txt")
     args = p.parse_args()
     device = bc.pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -11,22 +11,24 @@ from pipelines import common
 
 def fit(
     train_fn: Callable[[dict], None],
+    cfg: Any,
     *,
-    run: common.RunSettings,
     run_id: str,
     use_gpu: bool,
-    stop_at_step: int,
-    total_steps: int,
     export_uri: str,
     artifact: str,
     datasets: dict[str, Any] | None = None,
 ) -> str:
     """TorchTrainer(FSDP workers, FailureConfig, checkpoints in run.storage) -> fit -> register.
 
+    `cfg` is the stage's config: its `run` (RunSettings) and `loop` (LoopConfig) sections are used.
+
     A stop requested with loop.stop_at_step leaves the MLflow run open for the re-run that
     resumes it; a failure marks it FAILED (a re-run flips it back to RUNNING).
     """
     import ray.train
+
+    run, loop = cfg.run, cfg.loop
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path, storage_fs = common.ray_storage(run)
@@ -52,9 +54,9 @@ def fit(
     except Exception:
         common.finish_mlflow_run(run, run_id, "FAILED")
         raise
-    if stop_at_step and stop_at_step < total_steps:
+    if loop.stop_at_step and loop.stop_at_step < loop.steps:
         print(
-            f"[{artifact}] stopped at step {stop_at_step}; run the same command again to continue"
+            f"[{artifact}] stopped at step {loop.stop_at_step}; run the same command again to continue"
         )
         return run_id
     version = common.register_export(run, run_id, export_uri, artifact)

@@ -172,11 +172,9 @@ def main(argv: list[str] | None = None) -> str:
 
     return ray_trainer.fit(
         train_fn,
-        run=cfg.run,
+        cfg,
         run_id=run_id,
         use_gpu=use_gpu,
-        stop_at_step=cfg.loop.stop_at_step,
-        total_steps=cfg.loop.steps,
         export_uri=out_uri,
         artifact="generator",
     )

@@ -49,7 +49,9 @@ def rope_2d(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, N, Dh). Rotates channel pairs (i, i + Dh/4) within each axial half."""
+    """x: (..., Dh) with tables broadcastable to it, e.g. x (B, H, N, Dh) and tables (N, Dh),
+    or x (B, N, H, Dh) and tables (N, 1, Dh). Rotates channel pairs (i, i + Dh/4) within each
+    axial half."""
     q = x.shape[-1] // 4
     a1, a2, b1, b2 = x.split(q, dim=-1)
     rotated = torch.cat([-a2, a1, -b2, b1], dim=-1)
@@ -74,11 +76,16 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Norm and rotate in the (B, N, H, Dh) layout the projection writes (contiguous, fast);
+        # SDPA takes (B, H, N, Dh) views of it and returns its output in the same layout.
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)
+            cos, sin = rope[0][:, None], rope[1][:, None]  # (N, 1, Dh)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
