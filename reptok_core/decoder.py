@@ -9,21 +9,24 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from reptok_core.config import opt
 from reptok_core.encoder import TokenProjection
 from reptok_core.layers import MLP, Attention, FourierTimeEmbedding, modulate, rope_2d
 
 
 @dataclass
 class DecoderConfig:
-    in_channels: int = 4
-    input_size: int = 32  # latent side (32 for 256 px through the SD-VAE)
-    patch_size: int = 2
-    width: int = 1152
-    depth: int = 28
-    heads: int = 16
-    mlp_ratio: float = 4.0
-    cond_dim: int = 640  # width of the time mapping MLP that feeds every block's adaptive norms
-    token_dim: int = 768
+    in_channels: int = opt(4, "latent channels (4 for the SD-VAE, 3 in pixel space)")
+    input_size: int = opt(32, "latent side (32 for 256 px through the SD-VAE)")
+    patch_size: int = opt(2, "latent patch side; (input_size / patch_size)² patch tokens")
+    width: int = opt(1152, "transformer width (1152 = DiT-XL)")
+    depth: int = opt(28, "transformer blocks")
+    heads: int = opt(16, "attention heads (head dim = width / heads, divisible by 4 for 2-D RoPE)")
+    mlp_ratio: float = opt(4.0, "MLP hidden size as a multiple of width")
+    cond_dim: int = opt(
+        640, "width of the time mapping MLP that feeds every block's adaptive norms"
+    )
+    token_dim: int = opt(768, "image-token dimension (the encoder's width); must be <= width")
 
 
 def decoder_tiny(**kw) -> DecoderConfig:

@@ -9,18 +9,19 @@ import torch
 import torch.nn as nn
 
 from reptok_core import fused_token_mix as ftm
+from reptok_core.config import opt
 from reptok_core.layers import MLP, FourierTimeEmbedding
 
 
 @dataclass
 class MixerConfig:
-    token_dim: int = 768
-    width: int = 1536
-    depth: int = 28
-    mlp_ratio: float = 4.0
-    token_mlp_dim: int = 256  # hidden size of the token-mixing MLP (mixes only 3 tokens)
-    num_classes: int = 1000
-    class_dropout: float = 0.1  # label dropout that trains the null class used by CFG
+    token_dim: int = opt(768, "image-token dimension (the tokenizer's encoder width)")
+    width: int = opt(1536, "mixer width (paper XL: 1536 x 28 blocks = 536M parameters)")
+    depth: int = opt(28, "mixer blocks")
+    mlp_ratio: float = opt(4.0, "channel-mixing MLP hidden size as a multiple of width")
+    token_mlp_dim: int = opt(256, "hidden size of the token-mixing MLP (it mixes only 3 tokens)")
+    num_classes: int = opt(1000, "classes; label num_classes is the null class used by CFG")
+    class_dropout: float = opt(0.1, "label dropout that trains the null class (CFG)")
 
 
 def mixer_tiny(**kw) -> MixerConfig:
