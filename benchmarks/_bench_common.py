@@ -149,3 +149,29 @@ def profile_to(step: Callable[[], object], path: str, device: torch.device, step
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+
+
+def step_result(
+    times: list[float],
+    first_s: float,
+    batch: int,
+    flops_per_item: float,
+    peak: float,
+    device: torch.device,
+    per_s_key: str,
+) -> dict:
+    """The JSON row of a timed training step: median / p90 step, throughput, TFLOP/s, MFU, memory."""
+    from reptok_core.perf import mfu, summarize
+
+    st = summarize(times)
+    step_s = st["median_s"]
+    return {
+        "status": "ok",
+        "first_step_s": first_s,
+        "step_s": step_s,
+        "step_p90_s": st["p90_s"],
+        per_s_key: batch / step_s,
+        "tflops_per_s": flops_per_item * batch / step_s / 1e12,
+        "mfu": mfu(flops_per_item * batch, step_s, peak),
+        "peak_mem_gb": peak_memory_gb(device),
+    }

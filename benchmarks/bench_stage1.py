@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from reptok_core.encoder import EncoderConfig
 from reptok_core.latent_space import PixelSpace
-from reptok_core.perf import count_flops, measure_matmul_peak, mfu, summarize, time_calls
+from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
 from reptok_core.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
 
 
@@ -112,18 +112,7 @@ def run_one(model, spec: bc.RunSpec, device, args, fpi: float, peak: float) -> d
         model.decoder.grad_checkpointing = False
         model.zero_grad(set_to_none=True)
         del opt
-    st = summarize(times)
-    step_s = st["median_s"]
-    return {
-        "status": "ok",
-        "first_step_s": first,
-        "step_s": step_s,
-        "step_p90_s": st["p90_s"],
-        "images_per_s": spec.batch / step_s,
-        "tflops_per_s": fpi * spec.batch / step_s / 1e12,
-        "mfu": mfu(fpi * spec.batch, step_s, peak),
-        "peak_mem_gb": bc.peak_memory_gb(device),
-    }
+    return bc.step_result(times, first, spec.batch, fpi, peak, device, "images_per_s")
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import torch
 
 from reptok_core import flow
 from reptok_core.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
-from reptok_core.perf import count_flops, measure_matmul_peak, mfu, summarize, time_calls
+from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
 
 
 def batch_of(model: MixerGenerator, b: int, device: torch.device):
@@ -91,18 +91,7 @@ def run_one(model, spec: bc.RunSpec, device, args, fps: float, peak: float) -> d
     finally:
         bc.uncompile_blocks(model.blocks)
         model.zero_grad(set_to_none=True)
-    st = summarize(times)
-    step_s = st["median_s"]
-    return {
-        "status": "ok",
-        "first_step_s": first,
-        "step_s": step_s,
-        "step_p90_s": st["p90_s"],
-        "samples_per_s": spec.batch / step_s,
-        "tflops_per_s": fps * spec.batch / step_s / 1e12,
-        "mfu": mfu(fps * spec.batch, step_s, peak),
-        "peak_mem_gb": bc.peak_memory_gb(device),
-    }
+    return bc.step_result(times, first, spec.batch, fps, peak, device, "samples_per_s")
 
 
 def main() -> None:

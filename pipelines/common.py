@@ -98,6 +98,11 @@ def run_dir(run: RunSettings) -> str:
     return storage.join(run.storage, run.name)
 
 
+def export_uri(run: RunSettings) -> str:
+    """Where a training stage writes its consolidated EMA export (safetensors + JSON)."""
+    return storage.join(run_dir(run), "export")
+
+
 def ray_storage(run: RunSettings) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for ray.train.RunConfig, S3 endpoint included."""
     if storage.is_s3(run.storage):

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import common, image_data, ray_trainer, train_loop  # noqa: E402
-from reptok_core import storage  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
 from reptok_core.dino import DinoConfig  # noqa: E402
 from reptok_core.training import OptimConfig  # noqa: E402
@@ -52,10 +51,6 @@ class PretrainEncoderConfig:
     run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
 
 
-def export_uri(cfg: PretrainEncoderConfig) -> str:
-    return storage.join(common.run_dir(cfg.run), "export")
-
-
 def _labelled(uri: str, n: int) -> dict | None:
     batch = image_data.heldout_batch(uri, n)
     if "label" not in batch or (batch["label"] < 0).any():
@@ -82,7 +77,7 @@ def main(argv: list[str] | None = None) -> str:
         print("[encoder] no labels in data.val / data.knn_bank: k-NN probe disabled", flush=True)
     probe_on = queries is not None and bank is not None
     train_ds = image_data.train_dataset(cfg.data.train)
-    out_uri = export_uri(cfg)
+    out_uri = common.export_uri(cfg.run)
     run_dir = common.run_dir(cfg.run)
     command = "python pipelines/pretrain_encoder.py " + " ".join(args)
 

@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from pipelines import common, ray_trainer, token_data, train_loop  # noqa: E402
-from reptok_core import storage  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
 from reptok_core.generator_task import GeneratorConfig  # noqa: E402
 from reptok_core.training import OptimConfig  # noqa: E402
@@ -46,10 +45,6 @@ class TrainGeneratorConfig:
     loop: train_loop.LoopConfig = section(train_loop.LoopConfig, "training loop")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule, clipping, EMA")
     run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
-
-
-def export_uri(cfg: TrainGeneratorConfig) -> str:
-    return storage.join(common.run_dir(cfg.run), "export")
 
 
 def fit_to_tokens(
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> str:
     eval_batch = batch_arrays(held_out, cfg.model.kind, caption_list)
     eval_batch.pop("token_flip", None)
     tokenizer = cfg.data.tokenizer or manifest["tokenizer"]
-    out_uri = export_uri(cfg)
+    out_uri = common.export_uri(cfg.run)
     run_dir = common.run_dir(cfg.run)
     encode_cfg = manifest.get("config", {}).get("encode", {})
     lineage = {

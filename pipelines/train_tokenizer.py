@@ -16,7 +16,6 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import common, image_data, ray_trainer, train_loop  # noqa: E402
-from reptok_core import storage  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
 from reptok_core.tokenizer import TokenizerConfig  # noqa: E402
 from reptok_core.training import OptimConfig  # noqa: E402
@@ -39,10 +38,6 @@ class TrainTokenizerConfig:
     run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
 
 
-def export_uri(cfg: TrainTokenizerConfig) -> str:
-    return storage.join(common.run_dir(cfg.run), "export")
-
-
 def main(argv: list[str] | None = None) -> str:
     cfg = common.parse_cli(TrainTokenizerConfig, argv, __doc__)
     if not cfg.data.train:
@@ -55,7 +50,7 @@ def main(argv: list[str] | None = None) -> str:
     tracking_uri = common.mlflow_uri(cfg.run)
     eval_batch = image_data.heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
     train_ds = image_data.train_dataset(cfg.data.train)
-    out_uri = export_uri(cfg)
+    out_uri = common.export_uri(cfg.run)
     run_dir = common.run_dir(cfg.run)
 
     def train_fn(_: dict) -> None:
