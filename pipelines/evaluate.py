@@ -104,23 +104,44 @@ def _lpips(cfg: ReconSettings, device: Any) -> Any | None:
         return None
 
 
-def reference_stats(cfg: EvaluateConfig, images_u8: Any, net: Any, cache_dir: str, tag: str) -> Any:
-    """Inception statistics of real images, cached by (dataset, count, resolution, protocol)."""
+def heldout_images(uri: str, n: int, image_size: int) -> dict[str, Any]:
+    """The first `n` held-out images (by id, so always the same ones) at the model's resolution."""
+    from pipelines.image_data import heldout_batch
+
+    real = heldout_batch(uri, n)
+    if real["image"].shape[1] != image_size:
+        raise ValueError(
+            f"held-out images are {real['image'].shape[1]} px but the tokenizer takes "
+            f"{image_size} px; prepare the split at the model's resolution"
+        )
+    return real
+
+
+def reference_stats(
+    uri: str, images_u8: Any, net: Any, cache_dir: str, tag: str, batch_size: int
+) -> Any:
+    """Inception statistics of real images from `uri`, cached by (dataset, count, resolution,
+    protocol) under `cache_dir` (local or s3://)."""
     from reptok_core.fid import FeatureStats, extract_features
 
     key = hashlib.sha1(
-        f"{cfg.val}|{len(images_u8)}|{images_u8.shape[1]}|{tag}|{PROTOCOL_VERSION}".encode()
+        f"{uri}|{len(images_u8)}|{images_u8.shape[1]}|{tag}|{PROTOCOL_VERSION}".encode()
     ).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"ref-{key}.npz")
-    if os.path.isfile(path):
+    path = storage.join(cache_dir, f"ref-{key}.npz")
+    if storage.exists(path):
         print(f"[evaluate] reference statistics from cache {path}")
         return FeatureStats.load(path)
     import torch
 
     x = torch.from_numpy(images_u8).permute(0, 3, 1, 2)
-    stats = FeatureStats.from_features(extract_features(net, x, cfg.batch_size))
+    stats = FeatureStats.from_features(extract_features(net, x, batch_size))
     stats.save(path)
     return stats
+
+
+def fid_cache_dir(run: common.RunSettings) -> str:
+    """The default reference-statistics cache of a run store, shared by evaluate and training."""
+    return storage.join(run.storage, "fid-cache")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
@@ -128,25 +149,19 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from pipelines.image_data import heldout_batch
     from reptok_core import fid
     from reptok_core.metrics import psnr, ssim
     from reptok_core.tokenizer_task import images_from_uint8, images_to_uint8, load_tokenizer
 
     device = _device(cfg.device)
-    cache_dir = cfg.cache_dir or os.path.join(os.path.abspath(cfg.run.storage), "fid-cache")
+    cache_dir = cfg.cache_dir or fid_cache_dir(cfg.run)
     tok = load_tokenizer(model_uri.resolve(cfg.tokenizer, cfg.run.mlflow_uri).folder, device)
     net = fid.InceptionFeatures().to(device)
     n_real = max(
         cfg.recon.num_images if cfg.recon.enabled else 0,
         cfg.gen.num_reference if cfg.generator else 0,
     )
-    real = heldout_batch(cfg.val, n_real)
-    if real["image"].shape[1] != tok.cfg.image_size:
-        raise ValueError(
-            f"held-out images are {real['image'].shape[1]} px but the tokenizer takes "
-            f"{tok.cfg.image_size} px; prepare the split at the model's resolution"
-        )
+    real = heldout_images(cfg.val, n_real, tok.cfg.image_size)
     out: dict[str, float] = {}
     t0 = time.time()
 
@@ -169,7 +184,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
         out["recon/ssim"] = torch.cat(s).mean().item()
         if lp:
             out["recon/lpips"] = sum(lp) / len(originals)
-        ref = reference_stats(cfg, originals, net, cache_dir, "recon")
+        ref = reference_stats(cfg.val, originals, net, cache_dir, "recon", cfg.batch_size)
         rec = fid.FeatureStats.from_features(
             fid.extract_features(
                 net, torch.from_numpy(recon_u8).permute(0, 3, 1, 2), cfg.batch_size
@@ -179,31 +194,34 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
         out["recon/num_images"] = float(len(originals))
 
     if cfg.generator:
-        from reptok_core.generator_task import load_generator, sample_tokens
+        from reptok_core.generator_task import load_generator
+        from reptok_core.gfid import generated_features
 
         g = load_generator(model_uri.resolve(cfg.generator, cfg.run.mlflow_uri).folder, device)
         if g.cfg.kind != "class":
             raise ValueError("evaluate's generation metrics need a class-conditional generator")
         k = g.cfg.mixer.num_classes
         scale = g.cfg.cfg_scale if cfg.gen.cfg_scale < 0 else cfg.gen.cfg_scale
-        labels = np.arange(cfg.gen.num_samples) % k
-        feats = []
-        for lo, hi in _batches(cfg.gen.num_samples, cfg.batch_size):
-            z = sample_tokens(
-                g.model,
-                g.normalizer,
-                labels=torch.as_tensor(labels[lo:hi], device=device),
-                scale=scale,
-                interval=tuple(g.cfg.cfg_interval),
-                steps=cfg.gen.steps,
-                seed=cfg.gen.seed + lo,
-            )
-            images = tok.decode(z.to(device), steps=cfg.gen.steps, seed=cfg.gen.seed + lo)
-            feats.append(fid.extract_features(net, fid.unit_range(images), cfg.batch_size))
-            print(f"[evaluate] generated {hi}/{cfg.gen.num_samples} ({time.time() - t0:.0f} s)")
-        gen_feats = np.concatenate(feats)
+        n = cfg.gen.num_samples
+        gen_feats = generated_features(
+            g.model,
+            g.normalizer,
+            tok,
+            net,
+            start=0,
+            count=n,
+            num_classes=k,
+            scale=scale,
+            interval=tuple(g.cfg.cfg_interval),
+            steps=cfg.gen.steps,
+            seed=cfg.gen.seed,
+            batch_size=cfg.batch_size,
+            progress=lambda done: print(
+                f"[evaluate] generated {done}/{n} ({time.time() - t0:.0f} s)"
+            ),
+        )
         refs = real["image"][: cfg.gen.num_reference]
-        ref = reference_stats(cfg, refs, net, cache_dir, "gen")
+        ref = reference_stats(cfg.val, refs, net, cache_dir, "gen", cfg.batch_size)
         out["gen/gfid"] = fid.fid(ref, fid.FeatureStats.from_features(gen_feats))
         out["gen/precision"], out["gen/recall"] = fid.precision_recall(
             ref.features, gen_feats, cfg.gen.pr_k

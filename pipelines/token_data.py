@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -89,21 +91,15 @@ def _matrix(col: pa.ChunkedArray, dim: int) -> np.ndarray:
     return np.asarray(flat, dtype=np.float32).reshape(-1, dim)
 
 
-def load_tokens(uri: str, limit: int = 0) -> dict[str, Any]:
-    """The manifest's parts as arrays: id, label (int64, -1 = none), caption, token (N, D)
-    [, token_flip]; rows sorted by id so every reader sees the same order. `limit` keeps the first
-    rows (by id) only."""
-    manifest = read_manifest(uri)
-    tables = [
-        pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, p))))
-        for p in manifest["parts"]
-    ]
-    table = pa.concat_tables(tables).sort_by("id") if tables else None
-    if table is None or table.num_rows == 0:
-        raise ValueError(f"token Parquet {uri!r} has no rows")
-    if limit:
-        table = table.slice(0, limit)
-    dim = manifest["dim"]
+def parts_dataset(uri: str, manifest: dict[str, Any]) -> pads.Dataset:
+    """The manifest's parts as one pyarrow dataset (local or S3): read lazily, by row group."""
+    fs, _ = storage.filesystem(uri)
+    paths = [storage.filesystem(storage.join(uri, p))[1] for p in manifest["parts"]]
+    return pads.dataset(paths, filesystem=fs, format="parquet")
+
+
+def table_arrays(table: pa.Table, dim: int) -> dict[str, Any]:
+    """Token rows as arrays: id, label (int64, -1 = none), caption, token (N, D) [, token_flip]."""
     out: dict[str, Any] = {
         "id": table.column("id").to_pylist(),
         "label": np.asarray(table.column("label").fill_null(-1), dtype=np.int64),
@@ -113,6 +109,23 @@ def load_tokens(uri: str, limit: int = 0) -> dict[str, Any]:
     if "token_flip" in table.column_names:
         out["token_flip"] = _matrix(table.column("token_flip"), dim)
     return out
+
+
+def load_tokens(uri: str, limit: int = 0) -> dict[str, Any]:
+    """The manifest's parts as `table_arrays`, rows sorted by id so every reader sees the same
+    order. `limit` keeps the first rows (by id) only."""
+    manifest = read_manifest(uri)
+    if not manifest["rows"]:
+        raise ValueError(f"token Parquet {uri!r} has no rows")
+    ds = parts_dataset(uri, manifest)
+    first = None
+    if limit:
+        # Only the ids are read whole, then a filtered scan: a held-out batch from a token set
+        # too large for memory (a streamed one) costs little memory.
+        ids = ds.to_table(columns=["id"]).column("id")
+        first = pc.field("id").isin(ids.take(pc.sort_indices(ids)[:limit]).combine_chunks())
+    table = ds.to_table(filter=first).sort_by("id")
+    return table_arrays(table, manifest["dim"])
 
 
 def write_caption_cache(

@@ -5,9 +5,12 @@
     ray job submit --working-dir . -- python pipelines/train_generator.py --config configs/generator/paper.yaml ...
 
 Same loop, checkpoints, resume, fault drill, MLflow and export as stage 1 (pipelines/train_loop.py).
-Each worker holds the whole token set in memory, normalised by the manifest's statistics, and
-text generators read the cached caption states, so no encoder runs per step. Re-running the same
-command (same run.name and run.storage) resumes.
+Each worker holds the whole token set in memory when it fits `data.memory_budget_gb` and streams
+its share from storage otherwise (pipelines/token_stream.py; `data.in_memory` forces either);
+tokens are normalised by the manifest's statistics either way, and text generators read the
+cached caption states, so no encoder runs per step. With `eval.fid_samples` set, every
+evaluation also measures gFID against a held-out images Parquet (the protocol of
+pipelines/evaluate.py). Re-running the same command (same run.name and run.storage) resumes.
 """
 
 from __future__ import annotations
@@ -36,12 +39,39 @@ class DataSettings:
         "tokenizer whose decoder draws the sample grids: export folder or models:/NAME@ALIAS "
         "('' = the one recorded in the token manifest, 'none' = no grids)",
     )
+    in_memory: str = opt(
+        "auto",
+        "'true': each worker holds the whole token set; 'false': it streams its share from "
+        "storage through a loop.shuffle_buffer-row shuffle; 'auto': holds it when it fits "
+        "data.memory_budget_gb",
+    )
+    memory_budget_gb: float = opt(
+        16.0,
+        "largest token set a worker holds in memory under data.in_memory=auto, in GB of float32 "
+        "tokens (token_flip included); loading briefly needs about twice that",
+    )
+
+
+@dataclass
+class EvalSettings:
+    fid_samples: int = opt(
+        0,
+        "generated images for a gFID at every evaluation, split over the workers (0 = off; "
+        "needs model.kind=class and a tokenizer)",
+    )
+    fid_reference: str = opt(
+        "", "held-out images Parquet (output of prepare_data) that gFID is measured against"
+    )
+    fid_reference_images: int = opt(
+        10_000, "reference images (the first by id) for the gFID statistics, at most"
+    )
 
 
 @dataclass
 class TrainGeneratorConfig:
     model: GeneratorConfig = section(GeneratorConfig, "the generator and its sampling defaults")
     data: DataSettings = section(DataSettings, "input tokens")
+    eval: EvalSettings = section(EvalSettings, "gFID during training (loop.eval_every)")
     loop: train_loop.LoopConfig = section(train_loop.LoopConfig, "training loop")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule, clipping, EMA")
     run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
@@ -88,6 +118,54 @@ def batch_arrays(
     return out
 
 
+def streams_tokens(data: DataSettings, manifest: dict[str, Any]) -> bool:
+    """`data.in_memory` resolved: whether the workers stream the token set instead of holding it."""
+    if data.in_memory not in ("auto", "true", "false"):
+        raise SystemExit(f"error: data.in_memory={data.in_memory!r}; expected auto, true or false")
+    if data.in_memory != "auto":
+        return data.in_memory == "false"
+    copies = 2 if manifest.get("flip") else 1
+    return manifest["rows"] * manifest["dim"] * 4 * copies > data.memory_budget_gb * 2**30
+
+
+def check_fid(cfg: TrainGeneratorConfig, tokenizer: str) -> None:
+    e = cfg.eval
+    if not e.fid_samples:
+        return
+    if e.fid_samples < 2:
+        raise SystemExit(f"error: eval.fid_samples={e.fid_samples}: FID needs at least 2 images")
+    if cfg.model.kind != "class" or tokenizer == "none":
+        raise SystemExit("error: eval.fid_samples needs model.kind=class and a tokenizer")
+    if not e.fid_reference:
+        raise SystemExit("error: eval.fid_samples needs eval.fid_reference (held-out images)")
+
+
+def training_fid(cfg: TrainGeneratorConfig, num_classes: int, decoder: Any, device: Any) -> Any:
+    """A worker's gFID probe: Inception on every rank; the reference statistics on rank 0 only,
+    computed once and cached where pipelines/evaluate.py caches them (under run.storage)."""
+    from pipelines import evaluate
+    from reptok_core.distributed import world
+    from reptok_core.fid import InceptionFeatures
+    from reptok_core.gfid import TrainingFid
+
+    e = cfg.eval
+    net = InceptionFeatures().to(device)
+    reference = None
+    if world()[0] == 0:
+        real = evaluate.heldout_images(
+            e.fid_reference, e.fid_reference_images, decoder.cfg.image_size
+        )
+        reference = evaluate.reference_stats(
+            e.fid_reference,
+            real["image"],
+            net,
+            evaluate.fid_cache_dir(cfg.run),
+            "gen",
+            cfg.loop.batch_size,
+        )
+    return TrainingFid(net, reference, e.fid_samples, num_classes, cfg.loop.batch_size)
+
+
 def main(argv: list[str] | None = None) -> str:
     cfg = common.parse_cli(TrainGeneratorConfig, argv, __doc__)
     if not cfg.data.train:
@@ -98,6 +176,11 @@ def main(argv: list[str] | None = None) -> str:
     del cache
     fit_to_tokens(cfg, manifest, captions)
     caption_list = captions["captions"] if captions else None
+    tokenizer = cfg.data.tokenizer or manifest["tokenizer"]
+    check_fid(cfg, tokenizer)
+    streamed = streams_tokens(cfg.data, manifest)
+    where = "streamed from storage" if streamed else "held in memory"
+    print(f"[data] {manifest['rows']} tokens, {where} by each worker", flush=True)
     common.init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
     use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
     tags = {
@@ -110,7 +193,6 @@ def main(argv: list[str] | None = None) -> str:
     held_out = token_data.load_tokens(cfg.data.val or cfg.data.train, limit=cfg.loop.eval_images)
     eval_batch = batch_arrays(held_out, cfg.model.kind, caption_list)
     eval_batch.pop("token_flip", None)
-    tokenizer = cfg.data.tokenizer or manifest["tokenizer"]
     out_uri = common.export_uri(cfg.run)
     run_dir = common.run_dir(cfg.run)
     encode_cfg = manifest.get("config", {}).get("encode", {})
@@ -127,24 +209,40 @@ def main(argv: list[str] | None = None) -> str:
         import torch
 
         from pipelines.encode_latents import resolve_export
+        from pipelines.token_stream import TokenStream
+        from reptok_core.distributed import world
         from reptok_core.generator_task import GeneratorTask
         from reptok_core.tokenizer_task import EXPORT_CONFIG, load_tokenizer
 
         # Every worker reads the tokens and caption states itself: no copy rides in the closure.
         cache = token_data.read_caption_cache(cfg.data.train) if captions else None
-        train = batch_arrays(token_data.load_tokens(cfg.data.train), cfg.model.kind, caption_list)
+
+        def convert(rows: dict[str, Any]) -> dict[str, np.ndarray]:
+            return batch_arrays(rows, cfg.model.kind, caption_list)
+
+        data = stream = None
+        if streamed:
+            stream = TokenStream(cfg.data.train, convert, cfg.loop.shuffle_buffer, *world())
+        else:
+            train = convert(token_data.load_tokens(cfg.data.train))
+            data = {k: torch.from_numpy(v) for k, v in train.items()}
         decoder = None
         if tokenizer != "none":
             decoder = load_tokenizer(
                 resolve_export(tokenizer, tracking_uri, EXPORT_CONFIG)[0], device
             )
+        fid = None
+        if cfg.eval.fid_samples:
+            fid = training_fid(cfg, manifest["num_classes"], decoder, device)
         return GeneratorTask(
             cfg.model,
             token_data.normalizer_from_manifest(manifest),
             device,
-            data={k: torch.from_numpy(v) for k, v in train.items()},
+            data=data,
+            stream=stream,
             captions=(cache[1].float(), cache[2]) if cache else None,
             decoder=decoder,
+            fid=fid,
         )
 
     def train_fn(_: dict) -> None:

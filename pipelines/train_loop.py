@@ -8,8 +8,9 @@ sample grids, progress, and the final consolidated export of the EMA weights. A 
 
 Data reaches the loop either as the Ray Dataset shard "train" (streamed, the default) or, with
 `local_batches=True`, from the task itself: `task.epoch_batches(epoch, batch_size, seed)` yields
-this rank's batches of one epoch from data the task holds in memory (stage 2's token set). Either
-way an epoch's batch order must depend only on (seed, epoch, rank), so resume can skip batches.
+this rank's batches of one epoch from data the task holds in memory or streams itself (stage 2's
+token set). Either way an epoch's batch order must depend only on (seed, epoch, rank), so resume
+can skip batches.
 """
 
 from __future__ import annotations

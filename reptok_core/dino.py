@@ -41,10 +41,16 @@ EXPORT_WEIGHTS = "encoder.safetensors"
 EXPORT_CONFIG = "encoder.json"
 
 
+def scratch_encoder(cfg: EncoderConfig) -> EncoderConfig:
+    """Stage 0 trains from random weights, whatever the tokenizer preset ships as its default."""
+    return replace(cfg, weights="random")
+
+
 @dataclass
 class DinoConfig:
     encoder: EncoderConfig = section(
-        encoder_small, "the backbone: same fields as the tokenizer's encoder (weights='random')"
+        lambda: scratch_encoder(encoder_small()),
+        "the backbone: same fields as the tokenizer's encoder (weights='random')",
     )
     local_crops: int = opt(6, "local crops per image (besides the 2 global crops)")
     local_size: int = opt(0, "local crop side in px (0 = half the encoder's img_size)")
@@ -83,7 +89,7 @@ def dino_tiny() -> DinoConfig:
 
 def dino_small() -> DinoConfig:
     return DinoConfig(
-        encoder=encoder_small(),
+        encoder=scratch_encoder(encoder_small()),
         local_crops=4,
         head_hidden=1024,
         head_bottleneck=128,
@@ -236,6 +242,10 @@ class Dino(nn.Module):
         self.register_buffer("center", torch.zeros(1, cfg.prototypes))
         # The schedules' position lives in the model so checkpoints restore it with the weights.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # A host copy of `step` for the schedules: reading the device buffer every step would
+        # stall the CPU on the GPU and leave a small ViT launch-bound.
+        self.host_step = 0
+        self.register_load_state_dict_post_hook(_sync_host_step)
         self.teacher.eval()
 
     def train(self, mode: bool = True) -> Dino:
@@ -249,7 +259,7 @@ class Dino(nn.Module):
         return branch["backbone"].forward_features(x)[:, 0]
 
     def teacher_temp(self) -> float:
-        c, s = self.cfg, int(self.step)
+        c, s = self.cfg, self.host_step
         if s >= c.teacher_temp_warmup_steps:
             return c.teacher_temp
         return c.warmup_teacher_temp + (c.teacher_temp - c.warmup_teacher_temp) * (
@@ -259,7 +269,7 @@ class Dino(nn.Module):
     def momentum(self) -> float:
         """Cosine schedule from cfg.momentum to cfg.momentum_final over total_steps."""
         c = self.cfg
-        progress = min(int(self.step) / max(c.total_steps, 1), 1.0)
+        progress = min(self.host_step / max(c.total_steps, 1), 1.0)
         return (
             c.momentum_final
             - (c.momentum_final - c.momentum) * (math.cos(math.pi * progress) + 1) / 2
@@ -267,7 +277,7 @@ class Dino(nn.Module):
 
     def loss(self, crops: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Cross-entropy H(teacher(g_i), student(v)) over every pair with v ≠ g_i, averaged."""
-        freeze = int(self.step) < self.cfg.freeze_prototypes_steps
+        freeze = self.host_step < self.cfg.freeze_prototypes_steps
         head = self.student["head"]
         s_out = torch.cat(
             [head(self.features(self.student, c), freeze_prototypes=freeze) for c in crops]
@@ -303,9 +313,15 @@ class Dino(nn.Module):
     def update_teacher(self, step: int) -> None:
         """teacher ← m·teacher + (1−m)·student, m from the momentum schedule at `step`."""
         self.step.fill_(step)
+        self.host_step = step
         m = self.momentum()
         for pt, ps in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
             pt.lerp_(ps.detach().to(pt.dtype), 1 - m)
+
+
+def _sync_host_step(module: Dino, incompatible_keys) -> None:
+    del incompatible_keys
+    module.host_step = int(module.step)
 
 
 # ----------------------------------------------------------------------------- k-NN probe

@@ -20,6 +20,7 @@ It is comparable between runs on one dataset, not to published ImageNet IS value
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from reptok_core import storage
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -61,7 +64,10 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, path: str | None = None):
         super().__init__()
-        self.net = torch.jit.load(path or inception_weights_path(), map_location="cpu").eval()
+        # .float(): a half-precision copy of the file (half the bytes, for machines it must be
+        # carried to) computes in fp32 like the original.
+        self.net = torch.jit.load(path or inception_weights_path(), map_location="cpu").float()
+        self.net.eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
 
@@ -122,18 +128,17 @@ class FeatureStats:
         feats = np.asarray(feats, dtype=np.float64)
         return cls(feats.mean(0), np.cov(feats, rowvar=False), len(feats), feats[:keep])
 
-    def save(self, path: str) -> None:
-        """npz cache (reference statistics are computed once per dataset and protocol)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp.npz"
-        np.savez(
-            tmp, mu=self.mu, sigma=self.sigma, n=self.n, features=self.features.astype(np.float32)
-        )
-        os.replace(tmp, path)
+    def save(self, uri: str) -> None:
+        """npz cache, local or s3:// (reference statistics are computed once per dataset and
+        protocol, also by training workers that share only the run storage)."""
+        buf = io.BytesIO()
+        features = self.features.astype(np.float32)
+        np.savez(buf, mu=self.mu, sigma=self.sigma, n=self.n, features=features)
+        storage.write_bytes_atomic(uri, buf.getvalue())
 
     @classmethod
-    def load(cls, path: str) -> FeatureStats:
-        with np.load(path) as d:
+    def load(cls, uri: str) -> FeatureStats:
+        with np.load(io.BytesIO(storage.read_bytes(uri))) as d:
             return cls(d["mu"], d["sigma"], int(d["n"]), d["features"].astype(np.float64))
 
 

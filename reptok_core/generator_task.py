@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from reptok_core.text_generator import (
     TextGeneratorConfig,
 )
 from reptok_core.token_stats import TokenNormalizer
+
+if TYPE_CHECKING:  # gfid imports this module for sample_tokens
+    from reptok_core.gfid import TrainingFid
 
 EXPORT_WEIGHTS = "generator.safetensors"
 EXPORT_CONFIG = "generator.json"
@@ -113,13 +116,13 @@ def sample_tokens(
     else:
         states, mask = (v.to(device) for v in text)
         b = states.shape[0]
-        null_states, null_mask = model.null_condition(b, device)
+        everyone = torch.ones(b, dtype=torch.bool, device=device)
 
         def cond(x, t):
             return model(x, t, states, mask)
 
         def uncond(x, t):
-            return model(x, t, null_states, null_mask)
+            return model(x, t, states, mask, null=everyone)
 
     dim = normalizer.mean.numel()
     gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
@@ -130,11 +133,26 @@ def sample_tokens(
     return normalizer.to(device).denormalize(z.float())
 
 
+def batches_per_rank(rows: int, batch_size: int, world_size: int) -> int:
+    """Batches each rank takes per epoch: the same on every rank, since rank 0's position in the
+    epoch is the one a checkpoint keeps for all."""
+    count = rows // world_size // batch_size
+    if count == 0:
+        raise ValueError(
+            f"{rows} tokens over {world_size} workers is fewer than one batch of {batch_size}"
+        )
+    return count
+
+
 class GeneratorTask:
-    """Model + normaliser + (optionally) the whole training set in memory and a decoder for grids.
+    """Model + normaliser + the training set (in memory or streamed), optionally a decoder for
+    grids and a gFID at evaluations.
 
     Batches hold `token` (B, D) raw tokens, optionally `token_flip` (tokens of the mirrored
     images), and `label` (B,) or `caption_idx` (B,) into `captions` = (states (U, L, E), mask).
+    The training set is `data` (those columns as tensors over every row) or `stream`, an object
+    whose `epoch_batches(epoch, batch_size, seed)` yields this rank's batches
+    (pipelines.token_stream.TokenStream).
     """
 
     def __init__(
@@ -144,19 +162,25 @@ class GeneratorTask:
         device: torch.device,
         *,
         data: dict[str, torch.Tensor] | None = None,
+        stream: Any = None,
         captions: tuple[torch.Tensor, torch.Tensor] | None = None,
         decoder: Any = None,
+        fid: TrainingFid | None = None,
     ):
         if cfg.kind == "text" and captions is None:
             raise ValueError("a text generator needs the caption cache (captions=(states, mask))")
+        if fid is not None and (cfg.kind != "class" or decoder is None):
+            raise ValueError("gFID needs a class-conditional generator and a decoder")
         self.cfg = cfg
         self.device = device
         self.model = build_model(cfg).to(device)
         self.normalizer = normalizer.to(device)
         self.data = data
+        self.stream = stream
         # Caption states stay on the device once: stage 2 never runs the text encoder per step.
         self.captions = None if captions is None else tuple(c.to(device) for c in captions)
         self.decoder = decoder
+        self.fid = fid
 
     def shard(self, bf16_params: bool = False) -> None:
         shard_blocks(self.model, self.model.blocks, self.model, bf16_params)
@@ -165,19 +189,19 @@ class GeneratorTask:
         return list(self.model.blocks)
 
     def epoch_batches(self, epoch: int, batch_size: int, seed: int):
-        """This rank's batches of one epoch from the in-memory set: a (seed, epoch) permutation
-        split across ranks, so a resumed run can skip exactly the batches already seen."""
+        """This rank's batches of one epoch: from the stream, or from the in-memory set as a
+        (seed, epoch) permutation split across ranks, so a resumed run can skip exactly the
+        batches already seen."""
+        if self.stream is not None:
+            yield from self.stream.epoch_batches(epoch, batch_size, seed)
+            return
         if self.data is None:
-            raise ValueError("GeneratorTask was built without in-memory data")
+            raise ValueError("GeneratorTask was built without training data")
         rank, world_size = world()
         n = self.data["token"].shape[0]
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         mine = order[rank::world_size]
-        if mine.numel() < batch_size:
-            raise ValueError(
-                f"{n} tokens over {world_size} workers is fewer than one batch of {batch_size}"
-            )
-        for i in range(mine.numel() // batch_size):
+        for i in range(batches_per_rank(n, batch_size, world_size)):
             idx = mine[i * batch_size : (i + 1) * batch_size]
             yield {k: v[idx] for k, v in self.data.items()}
 
@@ -199,9 +223,8 @@ class GeneratorTask:
             return lambda x, t: self.model(x, t, y)
         idx = torch.as_tensor(batch["caption_idx"]).to(self.device).long()
         states, mask = self.captions[0][idx], self.captions[1][idx]
-        if drop:
-            states, mask = self.model.drop_captions(states, mask)
-        return lambda x, t: self.model(x, t, states, mask)
+        null = self.model.caption_drop(idx.shape[0], self.device) if drop else None
+        return lambda x, t: self.model(x, t, states, mask, null=null)
 
     def loss(self, batch: dict[str, Any], flip: bool = True) -> dict[str, torch.Tensor]:
         z = self._tokens(batch, flip)
@@ -227,7 +250,8 @@ class GeneratorTask:
 
         val_flow: fixed-t flow loss; sample_std: per-dim std of the (normalised) samples (≈1 when
         the spread matches the data); class mode adds class_dist, the mean RMS distance of each
-        sample to its class's held-out mean, and class_acc, how often that mean is the nearest.
+        sample to its class's held-out mean, and class_acc, how often that mean is the nearest;
+        with a `fid`, rank 0 adds gfid.
         """
         z = self._tokens(batch, flip=False)
         val = flow.validation_loss(self._condition(batch, drop=False), z, seed=seed)
@@ -235,6 +259,18 @@ class GeneratorTask:
         metrics = {"val_flow": val.mean().item(), "sample_std": samples.std(0).mean().item()}
         if self.cfg.kind == "class":
             metrics.update(class_distances(samples, z, torch.as_tensor(batch["label"])))
+        if self.fid is not None:
+            gfid = self.fid.measure(
+                self.model,
+                self.normalizer,
+                self.decoder,
+                scale=self.cfg.cfg_scale,
+                interval=tuple(self.cfg.cfg_interval),
+                steps=steps,
+                seed=seed,
+            )
+            if gfid is not None:  # rank 0 only
+                metrics["gfid"] = gfid
         grid = None
         if self.decoder is not None:
             from reptok_core.tokenizer_task import image_grid, images_to_uint8

@@ -84,28 +84,27 @@ class TextGenerator(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def null_condition(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.null_text.expand(batch, 1, -1), torch.ones(
-            batch, 1, dtype=torch.bool, device=device
-        )
-
-    def drop_captions(
-        self, text: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """With probability caption_dropout a sample sees only the null text (for CFG)."""
-        b = text.shape[0]
-        drop = torch.rand(b, device=text.device) < self.cfg.caption_dropout
-        null = self.null_text.to(text.dtype).expand(b, text.shape[1], -1)
-        text = torch.where(drop[:, None, None], null, text)
-        first_only = torch.zeros_like(mask, dtype=torch.bool)
-        first_only[:, 0] = True
-        mask = torch.where(drop[:, None], first_only, mask.bool())
-        return text, mask
+    def caption_drop(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(B,) bool: which samples train unconditionally (probability caption_dropout, for CFG)."""
+        return torch.rand(batch, device=device) < self.cfg.caption_dropout
 
     def forward(
-        self, z_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        mask: torch.Tensor,
+        null: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`null` (B,) bool marks samples that see only the learned null text (CFG's
+        unconditional branch). It is applied here, inside forward, because under FSDP the
+        `null_text` parameter is only gathered while the module runs."""
         b = z_t.shape[0]
+        if null is not None:
+            text = torch.where(null[:, None, None], self.null_text.to(text.dtype), text)
+            first_only = torch.zeros_like(mask, dtype=torch.bool)
+            first_only[:, 0] = True
+            mask = torch.where(null[:, None], first_only, mask.bool())
         h = torch.cat(
             [
                 self.token_in(z_t)[:, None],

@@ -4,14 +4,34 @@ always with `weights_only=True` so a checkpoint can never run code when it is op
 from __future__ import annotations
 
 import io
+import os
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
 from reptok_core.storage import read_bytes
 
+BUILTIN = "builtin:"
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+
+
+def resolve_builtin(uri: str) -> str:
+    """'builtin:NAME' -> the weights file shipped as reptok_core/pretrained/NAME.safetensors
+    (a path inside the installed package, so Ray workers find it from any working directory);
+    any other URI is returned unchanged."""
+    if not uri.startswith(BUILTIN):
+        return uri
+    name = uri[len(BUILTIN) :]
+    path = os.path.join(PRETRAINED_DIR, f"{name}.safetensors")
+    if not os.path.isfile(path):
+        shipped = sorted(f.removesuffix(".safetensors") for f in os.listdir(PRETRAINED_DIR))
+        shipped = [n for n in shipped if not n.endswith(".json")]
+        raise ValueError(f"weights {uri!r}: no built-in weights {name!r}; shipped: {shipped}")
+    return path
+
 
 def load_state_dict_file(uri: str) -> dict[str, torch.Tensor]:
+    uri = resolve_builtin(uri)
     data = read_bytes(uri)
     if uri.endswith(".safetensors"):
         return load_safetensors_bytes(data)

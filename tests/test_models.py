@@ -133,8 +133,13 @@ def test_text_generator_shapes_and_caption_dropout():
     gen = TextGenerator(text_generator_tiny(text_dim=16, caption_dropout=1.0))
     text, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
     assert gen(torch.randn(3, 32), torch.rand(3), text, mask).shape == (3, 32)
-    dt, dm = gen.drop_captions(text, mask)
-    assert dm.sum().item() == 3 and torch.equal(dt, gen.null_text.expand(3, 5, -1))
+    null = gen.caption_drop(3, torch.device("cpu"))
+    assert null.all()  # caption_dropout=1.0
+    torch.nn.init.normal_(gen.out.weight)  # zero-init output would hide any difference
+    z, t, other = torch.randn(3, 32), torch.rand(3), torch.randn(3, 5, 16)
+    # The null branch ignores the caption entirely; the conditional branch does not.
+    assert torch.allclose(gen(z, t, text, mask, null=null), gen(z, t, other, mask, null=null))
+    assert not torch.allclose(gen(z, t, text, mask), gen(z, t, other, mask))
 
 
 def test_token_normalizer_and_running_stats():

@@ -1,14 +1,82 @@
-"""Stage 2 end to end on a real local Ray cluster and MLflow: stop / resume, export, registry."""
+"""Stage 2: the token stream's epochs (fast), and end to end on a real local Ray cluster and
+MLflow (slow): stop / resume, streaming, gFID, export, registry."""
+
+import json
+import math
 
 import mlflow
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipelines import encode_latents, token_data, train_generator
+from pipelines.token_stream import TokenStream
+from reptok_core import storage
 from reptok_core.generator_task import load_generator, sample_tokens
 from reptok_core.tokenizer_task import load_tokenizer
 
-pytestmark = pytest.mark.slow
+
+def _write_tokens(uri: str, sizes: list[int], row_group: int) -> str:
+    """A token Parquet whose row i has token[0] = i and label i % 2, in parts of `sizes` rows."""
+    fs, root = storage.filesystem(uri)
+    fs.create_dir(root, recursive=True)
+    parts, start = [], 0
+    for p, n in enumerate(sizes):
+        i = np.arange(start, start + n)
+        tokens = np.stack([i, np.sin(i), np.cos(i)], 1).astype(np.float32)
+        table = token_data.tokens_table([f"r{k:04d}" for k in i], list(i % 2), [None] * n, tokens)
+        parts.append(f"part-{p}.parquet")
+        pq.write_table(table, f"{root}/{parts[-1]}", filesystem=fs, row_group_size=row_group)
+        start += n
+    manifest = {"dim": 3, "rows": start, "mean": [0.0] * 3, "std": [1.0] * 3, "parts": parts}
+    storage.write_bytes_atomic(
+        storage.join(uri, token_data.MANIFEST), json.dumps(manifest).encode()
+    )
+    return uri
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_stream_gives_every_row_once_per_epoch_across_ranks(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    uri = _write_tokens(f"{root}/tokens", [40, 33, 23], row_group=7)  # 6 batches of 8 per rank
+
+    def convert(rows):
+        return train_generator.batch_arrays(rows, "class", None)
+
+    streams = [TokenStream(uri, convert, shuffle_buffer=10, rank=r, world_size=2) for r in (0, 1)]
+
+    def epoch(e: int) -> list[dict]:
+        """Epoch e's batches, rank 0's then rank 1's."""
+        ranks = [list(s.epoch_batches(e, batch_size=8, seed=3)) for s in streams]
+        assert [len(b) for b in ranks] == [6, 6]
+        return ranks[0] + ranks[1]
+
+    first, second = epoch(0), epoch(1)
+    held = token_data.load_tokens(uri)["token"]
+    for batches in (first, second):
+        rows = np.concatenate([b["token"] for b in batches])
+        ids = rows[:, 0].astype(int)
+        assert sorted(ids) == list(range(96))
+        assert np.array_equal(np.concatenate([b["label"] for b in batches]), ids % 2)
+        # Raw tokens, as the in-memory set holds them: the task normalises both modes alike.
+        assert np.array_equal(held[ids], rows)
+    # The same (seed, epoch) gives the same batches, which is what resume's skipping relies on.
+    for a, b in zip(first, epoch(0), strict=True):
+        assert np.array_equal(a["token"], b["token"])
+    assert not np.array_equal(first[0]["token"], second[0]["token"])
+
+
+def test_in_memory_auto_follows_the_budget():
+    manifest = {"rows": 1000, "dim": 256, "flip": True}  # 2 MB of float32 tokens
+    data = train_generator.DataSettings(memory_budget_gb=0.001)
+    assert train_generator.streams_tokens(data, manifest)
+    data.memory_budget_gb = 0.01
+    assert not train_generator.streams_tokens(data, manifest)
+    data.in_memory = "false"
+    assert train_generator.streams_tokens(data, manifest)
+    with pytest.raises(SystemExit, match="in_memory"):
+        train_generator.streams_tokens(train_generator.DataSettings(in_memory="yes"), manifest)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +101,8 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     )
 
 
-def test_class_generator_stop_resume_export(tokens, tmp_path):
+@pytest.mark.slow
+def test_class_generator_stop_resume_export(tokens, fashion_parquet, tmp_path):
     store = tmp_path / "runs"
     args = [
         "--config", "configs/generator/tiny.yaml",
@@ -46,6 +115,9 @@ def test_class_generator_stop_resume_export(tokens, tmp_path):
         "loop.checkpoint_every=10",
         "loop.eval_every=10",
         "loop.log_every=5",
+        "eval.fid_samples=8",
+        f"eval.fid_reference={fashion_parquet / 'val'}",
+        "eval.fid_reference_images=16",
     ]  # fmt: skip
     run_id = train_generator.main([*args, "loop.stop_at_step=10"])
     assert (store / "g1" / "checkpoint_00000010").is_dir() and not (
@@ -57,6 +129,10 @@ def test_class_generator_stop_resume_export(tokens, tmp_path):
     assert [s for s, _ in _history(uri, run_id, "resumed_from_step")] == [10]
     assert sorted({s for s, _ in _history(uri, run_id, "flow")}) == [5, 10, 15, 20, 25, 30]
     assert {s for s, _ in _history(uri, run_id, "eval/class_acc")} == {10, 20, 30}
+    gfid = _history(uri, run_id, "eval/gfid")
+    assert [s for s, _ in gfid] == [10, 20, 30] and all(math.isfinite(v) for _, v in gfid)
+    # The reference statistics were computed once, then the resumed run read them back.
+    assert len(list((store / "fid-cache").glob("ref-*.npz"))) == 1
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["reptok.tokenizer_run_id"] == "tok-run-0"
     assert client.list_artifacts(run_id, "generator")
@@ -74,7 +150,9 @@ def test_class_generator_stop_resume_export(tokens, tmp_path):
     assert z.shape == (2, 32) and images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
-def test_text_generator_trains_on_cached_captions(tokens, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("in_memory", ["auto", "false"])
+def test_text_generator_trains_on_cached_captions(tokens, tmp_path, in_memory):
     store = tmp_path / "runs"
     run_id = train_generator.main([
         "--config", "configs/generator/tiny.yaml",
@@ -87,6 +165,9 @@ def test_text_generator_trains_on_cached_captions(tokens, tmp_path):
         "loop.steps=10",
         "loop.batch_size=8",
         "loop.log_every=5",
+        f"data.in_memory={in_memory}",
+        # Two FSDP workers: the caption dropout's null text is a sharded parameter.
+        f"run.num_workers={2 if in_memory == 'false' else 1}",
     ])  # fmt: skip
     uri = f"sqlite:///{store / 'mlflow.db'}"
     assert len(_history(uri, run_id, "flow")) == 2 and _history(uri, run_id, "eval/val_flow")
