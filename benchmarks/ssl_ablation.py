@@ -44,6 +44,8 @@ from reptok_core.dino import DinoConfig, DinoTask, ProbeSet, export_encoder
 from reptok_core.fid import FeatureStats, InceptionFeatures, extract_features, fid
 from reptok_core.training import OptimConfig, build_optimizer, lr_at, train_step
 
+FIT_FROM, FIT_TO = 20, 100  # steps timed by `pretrain --steps -1`
+
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,13 +107,18 @@ def pretrain(args: argparse.Namespace) -> None:
         )
         step += 1
         task.after_step(step)
-        if fit and step == 50:
-            # --steps 0 with --minutes: the schedules' length is what the time allows, measured
-            # on these first steps (logged, so the run can be repeated with --steps N).
-            per_step = (time.time() - t0) / step
-            steps = step + int((args.minutes * 60 * 0.9 - (time.time() - t0)) / per_step)
-            steps = cfg.total_steps = max(steps // 100 * 100, 100)
-            record(step=step, fitted_steps=steps, s_per_step=per_step)
+        if fit and step in (FIT_FROM, FIT_TO):
+            # --steps -1: the schedules' length is what --minutes allows at the speed of steps
+            # FIT_FROM..FIT_TO (the first steps pay for start-up and would underestimate it);
+            # logged, so the run can be repeated with --steps N.
+            res["dino"].item()  # wait for the GPU before reading the clock
+            if step == FIT_FROM:
+                t_fit = time.time()
+            else:
+                per_step = (time.time() - t_fit) / (FIT_TO - FIT_FROM)
+                left = args.minutes * 60 * 0.9 - (time.time() - t0)
+                steps = cfg.total_steps = max((step + int(left / per_step)) // 100 * 100, 100)
+                record(step=step, fitted_steps=steps, s_per_step=per_step)
         if step % args.log_every == 0:
             record(
                 step=step,
@@ -197,7 +204,7 @@ def main() -> None:
     a.add_argument("--name", default="dino", help="sub-folder of --out for this run")
     a.add_argument("--set", nargs="*", default=[], help="model.x=y / optim.x=y overrides")
     a.add_argument("--steps", type=int, default=0, help="0 = the preset's loop.steps; -1 = as "
-                   "many as --minutes allows (measured on the first 50 steps)")  # fmt: skip
+                   "many as --minutes allows (timed on steps 20-100)")  # fmt: skip
     a.add_argument("--batch", type=int, default=0, help="0 = the preset's loop.batch_size")
     a.add_argument("--minutes", type=float, default=9.0, help="stop (and save) after this long")
     a.add_argument("--log-every", type=int, default=100)
