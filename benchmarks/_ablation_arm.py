@@ -151,7 +151,7 @@ def run_arm(
 
     train_tok = batched(encode, train_gpu, 1000)
     test_tok = batched(encode, test_x, 1000)
-    result = {"arm": arm, **{k: v for k, v in ARMS[arm].items()}, "settings": vars(s)}
+    result = {"arm": arm, **ARMS[arm], "settings": vars(s)}
     result["token_knn"] = knn_accuracy(train_tok[:10000], train_y[:10000], test_tok, test_y)
     # The encoder as stage 1 began (load_tokenizer's config says weights="random", so rebuild
     # it; the random arm gets the same init through the same seed).

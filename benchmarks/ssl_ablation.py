@@ -62,10 +62,9 @@ def pretrain(args: argparse.Namespace) -> None:
     batch = args.batch or preset["loop"]["batch_size"]
     cfg.total_steps = steps
     dev, out = device(), os.path.join(args.out, args.name)
-    train_x, _ = fashion32("train", args.out, args.fm_root, args.limit)
+    train_x, train_y = fashion32("train", args.out, args.fm_root, args.limit)
     test_x, test_y = fashion32("test", args.out, args.fm_root, args.limit)
-    bank_x, bank_y = fashion32("train", args.out, args.fm_root, args.limit)
-    probe = ProbeSet(bank_x[: args.knn_bank], bank_y[: args.knn_bank], k=20)
+    probe = ProbeSet(train_x[: args.knn_bank], train_y[: args.knn_bank], k=20)
     queries = (test_x[: args.knn_queries], test_y[: args.knn_queries])
     train_x = train_x.to(dev)  # 180 MB: sampling batches on the GPU keeps the host out of it
     torch.manual_seed(args.seed)

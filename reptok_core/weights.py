@@ -24,8 +24,10 @@ def resolve_builtin(uri: str) -> str:
     name = uri[len(BUILTIN) :]
     path = os.path.join(PRETRAINED_DIR, f"{name}.safetensors")
     if not os.path.isfile(path):
-        shipped = sorted(f.removesuffix(".safetensors") for f in os.listdir(PRETRAINED_DIR))
-        shipped = [n for n in shipped if not n.endswith(".json")]
+        files = os.listdir(PRETRAINED_DIR)
+        shipped = sorted(
+            f.removesuffix(".safetensors") for f in files if f.endswith(".safetensors")
+        )
         raise ValueError(f"weights {uri!r}: no built-in weights {name!r}; shipped: {shipped}")
     return path
 
