@@ -83,6 +83,19 @@ def test_teacher_moves_only_by_ema(images):
     assert int(model.step) == 1
 
 
+def test_schedules_resume_at_the_loaded_step():
+    # The schedules read a host copy of the step; loading a checkpoint must restore it too.
+    task = _task(teacher_temp_warmup_steps=10, warmup_teacher_temp=0.02, teacher_temp=0.06)
+    task.after_step(7)
+    state = task.model.state_dict()
+    fresh = _task(teacher_temp_warmup_steps=10, warmup_teacher_temp=0.02, teacher_temp=0.06)
+    assert fresh.model.host_step == 0
+    fresh.model.load_state_dict(state)
+    assert fresh.model.host_step == 7
+    assert fresh.model.teacher_temp() == pytest.approx(task.model.teacher_temp())
+    assert fresh.model.momentum() == pytest.approx(task.model.momentum())
+
+
 def test_centre_is_ema_of_teacher_output(images):
     task = _task()
     model = task.model

@@ -93,6 +93,18 @@ def test_inception_weights_offline_and_plug_into_torchmetrics(inception, fashion
     assert abs(metric.compute().item()) < 1e-2
 
 
+def test_half_precision_weights_copy_computes_like_the_original(inception, fashion_u8, tmp_path):
+    # The GPU experiments carry the weights as fp16 (half the bytes); they must compute in fp32.
+    net = torch.jit.load(fid.inception_weights_path(), map_location="cpu").half()
+    path = str(tmp_path / "inception_fp16.pt")
+    torch.jit.save(net, path)
+    half = fid.InceptionFeatures(path)
+    assert {p.dtype for p in half.net.parameters()} == {torch.float32}
+    x = torch.from_numpy(fashion_u8[:4]).permute(0, 3, 1, 2)
+    ref, got = inception(x), half(x)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.01
+
+
 @pytest.mark.slow
 def test_fid_self_zero_noise_large(inception, fashion_u8):
     x = torch.from_numpy(fashion_u8).permute(0, 3, 1, 2)
