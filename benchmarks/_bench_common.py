@@ -117,11 +117,13 @@ class Results:
 
 
 def guarded(fn: Callable[[], dict], device: torch.device) -> dict:
-    """Run one configuration; an out-of-memory error becomes a row instead of a crash."""
+    """Run one configuration; an error (out of memory or other) becomes a row, not a crash."""
     try:
         return fn()
     except torch.OutOfMemoryError as e:
         return {"status": "oom", "error": str(e).splitlines()[0][:200]}
+    except Exception as e:  # noqa: BLE001 - one failed configuration must not lose the others
+        return {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
         reset_memory(device)
 

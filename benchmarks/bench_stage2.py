@@ -8,20 +8,25 @@ normalised 768-d tokens with label dropout 0.1, bf16 autocast, fused AdamW, grad
     python benchmarks/bench_stage2.py --runs eager:1024,regional:1024,regional:4096 --out s2.json
     python benchmarks/bench_stage2.py --tiny --device cpu --runs eager:8,regional:8   # smoke
 
-Run specs are `mode:batch[:mm]`, mode eager | regional (torch.compile per mixer block) |
+Run specs are `mode:batch[:option]`, mode eager | regional (torch.compile per mixer block) |
 full (torch.compile of the whole loss). On CUDA the token-mixing MLP runs as the Triton kernels
-of `reptok_core/fused_token_mix.py` (the default); `:mm` keeps it as two matmuls (the official
-form), for comparison.
+of `reptok_core/fused_token_mix.py` (the default). Options:
+  mm     the token-mixing MLP as two matmuls (the official form), for comparison;
+  train  the training pipeline's own step (`reptok_core.training.train_step`: lr set, clipping
+         with the grad norm kept, EMA update) instead of the bare step;
+  graph  the whole step (forward, backward, clipping, AdamW) captured once as a CUDA graph and
+         replayed: no per-kernel launch cost (AdamW capturable, autocast without its cast cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
-from reptok_core import flow
+from reptok_core import flow, training
 from reptok_core.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
 
@@ -33,9 +38,10 @@ def batch_of(model: MixerGenerator, b: int, device: torch.device):
     return z, y
 
 
-def make_loss(model: MixerGenerator, bf16: bool):
+def make_loss(model: MixerGenerator, bf16: bool, cast_cache: bool = True):
     def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
+        amp = torch.autocast(z.device.type, torch.bfloat16, enabled=bf16, cache_enabled=cast_cache)
+        with amp:
             y = model.drop_labels(y)
             return flow.flow_loss(lambda x, t: model(x, t, y), z)
 
@@ -65,27 +71,68 @@ def fused_vs_matmul(device: torch.device) -> dict[str, float]:
     }
 
 
+def graphed(body, opt: torch.optim.Optimizer, warmup: int = 3):
+    """`body` (one whole training step) captured as a CUDA graph; returns its replay.
+
+    Warm-up runs on a side stream (as torch.cuda.graph requires); grads are set to None before
+    the capture so backward allocates them inside the graph's pool and each replay overwrites
+    them, which is what zero_grad would have done.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
 def run_one(model, spec: bc.RunSpec, device, args, fps: float, peak: float) -> dict:
     bf16 = device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     torch._dynamo.reset()
     MixerBlock.fused_token_mix = spec.option != "mm"
-    loss_fn = make_loss(model, bf16)
+    graph = spec.option == "graph"
+    loss_fn = make_loss(model, bf16, cast_cache=not graph)
     if spec.mode == "full":
         loss_fn = torch.compile(loss_fn, dynamic=False)
     elif spec.mode == "regional":
         bc.compile_blocks(model.blocks)
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), fused=device.type == "cuda")
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), fused=fused, capturable=graph)
     z, y = batch_of(model, spec.batch, device)
 
-    def step() -> None:
+    def body() -> None:
         loss_fn(z, y).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
+
+    def step() -> None:
+        body()
         opt.zero_grad(set_to_none=True)
 
+    if spec.option == "train":
+        ema = training.EMA(model, 0.9999)
+
+        def losses() -> dict[str, torch.Tensor]:  # train_step opens the autocast itself
+            yd = model.drop_labels(y)
+            return {"total": flow.flow_loss(lambda x, t: model(x, t, yd), z)}
+
+        def step() -> None:
+            training.train_step(model, opt, losses, lr=1e-4, grad_clip=1.0, device=device,
+                                precision="bf16" if bf16 else "fp32", ema=ema)  # fmt: skip
+
     try:
-        first = time_calls(step, device, iters=1)[0]  # includes compilation
+        t0 = time.perf_counter()
+        if graph:
+            step = graphed(body, opt)
+        time_calls(step, device, iters=1)  # compilation / capture happen here
+        first = time.perf_counter() - t0
         times = time_calls(step, device, iters=args.steps, warmup=args.warmup)
         if args.profile == spec.name:
             bc.profile_to(step, args.profile_out, device)
