@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reptok_core import storage
+from reptok_core import cuda_graph_step, storage
 from reptok_core.config import opt
 from reptok_core.distributed import (
     full_state_dict,
@@ -47,6 +47,11 @@ class LoopConfig:
     batch_size: int = opt(32, "batch size per worker")
     precision: str = opt("auto", "'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU)")
     compile: bool = opt(False, "torch.compile each transformer block (GPU)")
+    cuda_graph: str = opt(
+        "auto",
+        "capture the training step as a CUDA graph: 'auto' (when there is one CUDA worker and "
+        "the task allows it: the stage-2 generators), 'on' (error if impossible), 'off'",
+    )
     log_every: int = opt(10, "steps between metric logs / progress lines")
     checkpoint_every: int = opt(500, "steps between sharded checkpoints (and one at the end)")
     eval_every: int = opt(
@@ -210,6 +215,19 @@ def run(
     optimizer = build_optimizer(model.parameters(), optim, device)
     ema = EMA(model, optim.ema_decay)
     state = _restore(model, optimizer, ema, rank)
+    graphed = None
+    if cuda_graph_step.resolve(
+        loop.cuda_graph, device, is_distributed(), getattr(task, "capture_safe", False)
+    ):
+        graphed = cuda_graph_step.CudaGraphStep(
+            model,
+            optimizer,
+            lambda b: task.loss(b, flip=loop.flip),
+            grad_clip=optim.grad_clip,
+            device=device,
+            precision=precision,
+            ema=ema,
+        )
     start = state["step"]
     log = MlflowLogger(tracking_uri, run_id, enabled=rank == 0)
     if start:
@@ -247,16 +265,19 @@ def run(
         epoch, index, batch = next(batches)
         _maybe_die(loop, step + 1, rank, run_dir)
         lr = lr_at(step, loop.steps, optim)
-        out = train_step(
-            model,
-            optimizer,
-            lambda b=batch: task.loss(b, flip=loop.flip),
-            lr=lr,
-            grad_clip=optim.grad_clip,
-            device=device,
-            precision=precision,
-            ema=ema,
-        )
+        if graphed is not None:
+            out = graphed(batch, lr)
+        else:
+            out = train_step(
+                model,
+                optimizer,
+                lambda b=batch: task.loss(b, flip=loop.flip),
+                lr=lr,
+                grad_clip=optim.grad_clip,
+                device=device,
+                precision=precision,
+                ema=ema,
+            )
         step += 1
         if after_step is not None:  # e.g. stage 0 moves its EMA teacher after every step
             after_step(step)

@@ -155,6 +155,10 @@ class GeneratorTask:
     (pipelines.token_stream.TokenStream).
     """
 
+    # The loss has fixed shapes and no host syncs, so a single-GPU run may capture the step as
+    # a CUDA graph (reptok_core/cuda_graph_step.py).
+    capture_safe = True
+
     def __init__(
         self,
         cfg: GeneratorConfig,

@@ -128,12 +128,17 @@ def average_replicated_grads(model: nn.Module) -> None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, cache: bool = True):
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     if precision == "fp32":
         return contextlib.nullcontext()
     raise ValueError(f"precision={precision!r}; expected 'bf16' or 'fp32'")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def train_step(
@@ -148,9 +153,26 @@ def train_step(
     ema: EMA | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimisation step; returns the loss dict (detached) plus the pre-clip grad norm."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast(device, precision):
+    set_lr(optimizer, lr)
+    return update(
+        model, optimizer, loss_fn, grad_clip=grad_clip, device=device, precision=precision, ema=ema
+    )
+
+
+def update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[], dict[str, torch.Tensor]],
+    *,
+    grad_clip: float,
+    device: torch.device,
+    precision: str,
+    ema: EMA | None,
+    autocast_cache: bool = True,
+) -> dict[str, torch.Tensor]:
+    """train_step after the learning rate is set: the part a CUDA graph can capture (no host
+    syncs when the model is not sharded)."""
+    with autocast(device, precision, cache=autocast_cache):
         losses = loss_fn()
     losses["total"].backward()
     average_replicated_grads(model)
@@ -178,6 +200,10 @@ def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
     total = sq.sqrt()
     if clip > 0:
         coef = torch.clamp(clip / (total + 1e-6), max=1.0)
+        # One multi-tensor kernel per dtype, with the factor kept on the device (no host sync).
+        grads: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype) if not isinstance(p.grad, DTensor) else coef.item())
+            grads.setdefault(p.grad.dtype, []).append(_local(p.grad))
+        for dtype, group in grads.items():
+            torch._foreach_mul_(group, coef.to(dtype))
     return total.detach()
