@@ -6,8 +6,9 @@ steps) + SD-VAE decode. p50 / p90 at batch 1 and images/s at batch 32.
     python benchmarks/bench_sampling.py --tiny --device cpu --batches 1,2    # smoke
 
 Modes (all with bf16 weights, the ODE state in fp32, random weights):
-- `reference`: the project's sampling path as serving uses it (flow.sample + guided_velocity,
-  one CFG branch per forward, eager kernels; guided_velocity syncs with the host every step).
+- `reference`: the project's generic sampling path (flow.sample with flow.Guidance, one CFG
+  branch per forward, eager kernels). The Serve replica's path (reptok_core/inference.py:
+  the same calls replayed from CUDA graphs) is measured by bench_serving.py.
 - `graph`: the same math with the step schedule decided on the host (t is known in advance),
   the conditional and unconditional CFG branches in one batch, and each stage (mixer loop,
   decoder loop, VAE decode) captured as one CUDA graph; eager kernels.
@@ -142,8 +143,8 @@ class Generator:
         def uncond(x, t):
             return self.mixer(x.to(dt_m), t, self.null).float()
 
-        vel = flow.guided_velocity(cond, uncond, self.scale, self.interval)
-        z = flow.sample(vel, z_noise, self.steps)
+        guidance = flow.Guidance(uncond, self.scale, self.interval)
+        z = flow.sample(cond, z_noise, self.steps, guidance=guidance)
         tok = (z * self.token_std + self.token_mean).to(dt_d)
         lat = flow.sample(
             lambda x, t: self.decoder(x.to(dt_d), t, tok).float(), x_noise, self.steps

@@ -92,12 +92,14 @@ def sample_tokens(
     steps: int = 50,
     seed: int | None = 0,
     method: str = "euler",
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate one token per condition; returns denormalised tokens (B, D).
 
     Give `labels` (B,) for a MixerGenerator (use `model.null_class` for unconditional samples)
     or `text=(states (B, L, E), mask (B, L))` for a TextGenerator. CFG with `scale` is applied
-    only for t in `interval` (the paper: 1.5 on [0.3, 0.9]). The same seed gives the same tokens.
+    only for t in `interval` (the paper: 1.5 on [0.3, 0.9]). The same seed gives the same tokens;
+    `noise` (B, D), when given, replaces `seeded_token_noise(B, normalizer, seed)`.
     """
     p = next(model.parameters())
     device = p.device
@@ -124,13 +126,20 @@ def sample_tokens(
         def uncond(x, t):
             return model(x, t, states, mask, null=everyone)
 
-    dim = normalizer.mean.numel()
-    gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+    if noise is None:
+        noise = seeded_token_noise(b, normalizer, seed)
     # The ODE state stays fp32 even when the weights are bf16: 50 Euler steps in bf16 drift.
-    noise = torch.randn((b, dim), generator=gen).to(device)
-    guided = flow.guided_velocity(cond, uncond, scale, tuple(interval))
-    z = flow.sample(lambda x, t: guided(x.to(p.dtype), t).float(), noise, steps, method)
+    noise = noise.to(device, torch.float32)
+    guidance = flow.Guidance(lambda x, t: uncond(x.to(p.dtype), t).float(), scale, tuple(interval))
+    z = flow.sample(lambda x, t: cond(x.to(p.dtype), t).float(), noise, steps, method, guidance)
     return normalizer.to(device).denormalize(z.float())
+
+
+def seeded_token_noise(n: int, normalizer: TokenNormalizer, seed: int | None) -> torch.Tensor:
+    """The starting noise `sample_tokens(seed=seed)` draws for n tokens: float32 randn from a
+    seeded CPU generator, so it is the same on every device."""
+    gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn((n, normalizer.mean.numel()), generator=gen)
 
 
 def batches_per_rank(rows: int, batch_size: int, world_size: int) -> int:

@@ -136,8 +136,12 @@ class Tokenizer(nn.Module):
                 f"noise has shape {tuple(noise.shape)}; "
                 f"expected {(tokens.shape[0], *self.latent_shape())}"
             )
-        noise = noise.to(tokens.device, next(self.decoder.parameters()).dtype)
-        latents = flow.sample(lambda x, t: self.decoder(x, t, tokens), noise, steps, method)
+        # The ODE state stays fp32 even when the weights are bf16: 50 Euler steps in bf16 drift.
+        dtype = next(self.decoder.parameters()).dtype
+        noise, tokens = noise.to(tokens.device, torch.float32), tokens.to(dtype)
+        latents = flow.sample(
+            lambda x, t: self.decoder(x.to(dtype), t, tokens).float(), noise, steps, method
+        )
         return self.latent_space.decode(latents)
 
     @torch.no_grad()

@@ -66,14 +66,18 @@ def test_t_samplers():
 
 
 def test_cfg_scale_one_is_conditional_and_interval_respected():
-    cond = lambda x, t: x + 1  # noqa: E731
-    uncond = lambda x, t: x - 1  # noqa: E731
+    cond = lambda x, t: torch.ones_like(x)  # noqa: E731
+    calls = []
+    uncond = lambda x, t: calls.append(t[0].item()) or -torch.ones_like(x)  # noqa: E731
     x = torch.zeros(3, 2)
-    t = torch.tensor([0.1, 0.5, 0.95])
-    assert torch.equal(flow.guided_velocity(cond, uncond, 1.0)(x, t), cond(x, t))
-    g = flow.guided_velocity(cond, uncond, 2.0, interval=(0.3, 0.9))(x, t)
-    # inside: u + s (c - u) = -1 + 2 * 2 = 3; outside: the conditional value 1
-    assert g[:, 0].tolist() == [1.0, 3.0, 1.0]
+    plain = flow.sample(cond, x, steps=10)
+    assert torch.allclose(plain, torch.full_like(x, -1.0))  # 10 steps of dt = -0.1, v = 1
+    same = flow.sample(cond, x, steps=10, guidance=flow.Guidance(uncond, 1.0, (0.25, 0.85)))
+    assert torch.equal(same, plain) and not calls  # scale 1: the unconditional branch never runs
+    g = flow.sample(cond, x, steps=10, guidance=flow.Guidance(uncond, 2.0, (0.25, 0.85)))
+    # t = 0.8 ... 0.3 (6 steps) inside: u + s (c - u) = -1 + 2 * 2 = 3; the other 4 steps: 1
+    assert calls == pytest.approx([0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    assert torch.allclose(g, torch.full_like(x, -0.1 * (6 * 3 + 4 * 1)))
 
 
 def test_validation_loss_is_deterministic_and_segmented():

@@ -42,6 +42,7 @@ def load_changed(
     """The models `settings` ask for, reusing what `old` already holds; None when nothing
     changed (same references, same registry versions). Raises ValueError on a bad combination."""
     from reptok_core.generator_task import load_generator
+    from reptok_core.inference import cast_weights
     from reptok_core.text_encoder import OFFLINE_MINILM, TextEncoder
     from reptok_core.tokenizer_task import load_tokenizer
 
@@ -82,11 +83,43 @@ def load_changed(
                 )
             name = new.text_generator.text_encoder or OFFLINE_MINILM
             new.text_encoder = TextEncoder(name).to(device)
+    dtype = _weights_dtype(settings.precision, device)
+    compiled = _flag(settings.compile, "model.compile", device)
+    if not same("tokenizer"):
+        cast_weights(new.tokenizer.decoder, dtype)
+        cast_weights(new.tokenizer.latent_space, dtype)
+        if compiled:
+            _compile_blocks(new.tokenizer.decoder.blocks)
     for role in ("generator", "text_generator"):
         g = getattr(new, role)
+        if g is not None and not same(role):
+            cast_weights(g.model, dtype)
+            if compiled and role == "generator":  # measured; the text model stays eager
+                _compile_blocks(g.model.blocks)
         if g is not None and g.normalizer.mean.numel() != new.tokenizer.token_dim:
             raise ValueError(
                 f"model.{role} makes {g.normalizer.mean.numel()}-d tokens but the "
                 f"tokenizer's are {new.tokenizer.token_dim}-d"
             )
     return new
+
+
+def _flag(value: str, name: str, device: torch.device) -> bool:
+    if value not in ("auto", "true", "false"):
+        raise ValueError(f"{name}={value!r}; expected 'auto', 'true' or 'false'")
+    return value == "true" or (value == "auto" and device.type == "cuda")
+
+
+def _weights_dtype(precision: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"model.precision={precision!r}; expected 'auto', 'bf16' or 'fp32'")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def _compile_blocks(blocks) -> None:
+    # Regional compilation: one compile per block shape, reused by all blocks of the model.
+    for block in blocks:
+        block.compile(dynamic=False)

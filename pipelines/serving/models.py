@@ -39,7 +39,9 @@ class Models:
         self.batched_items = 0
         self.reloads = 0
         self._reload_lock = threading.Lock()
+        self.inference = None  # built by reconfigure: it needs model.max_graphs
         self._poller: asyncio.Task | None = None
+        self.max_batch_size = s.max_batch_size
         for method in (self.encode, self.decode):
             method.set_max_batch_size(s.max_batch_size)
             method.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -52,6 +54,10 @@ class Models:
             new = load_changed(self.loaded, settings, self.device)
             if new is None:
                 return False
+            from reptok_core.inference import Inference
+
+            # Captured graphs hold the old weights' memory: start a fresh cache.
+            self.inference = Inference(self.max_batch_size, settings.max_graphs)
             self.loaded = new
             self.reloads += 1
             log.info("loaded models %s", new.refs)
@@ -158,14 +164,11 @@ class Models:
         from reptok_core.tokenizer_task import images_to_uint8
 
         out: list[np.ndarray | None] = [None] * len(tokens)
-        dtype = next(tok.decoder.parameters()).dtype
         for n_steps in sorted(set(steps)):  # one flow solve per step count in the batch
             idx = [i for i, s in enumerate(steps) if s == n_steps]
-            z = torch.as_tensor(np.stack([tokens[i] for i in idx]), dtype=dtype, device=self.device)
-            # Row i starts from the noise of Tokenizer.decode(token[None], seed=seeds[i]).
-            noise = torch.cat([tok.seeded_noise(1, seeds[i]) for i in idx])
-            pixels = images_to_uint8(tok.decode(z, n_steps, noise=noise))
-            for i, p in zip(idx, pixels, strict=True):
+            z = torch.as_tensor(np.stack([tokens[i] for i in idx]), dtype=torch.float32)
+            images = self.inference.decode(tok, z, n_steps, [seeds[i] for i in idx])
+            for i, p in zip(idx, images_to_uint8(images), strict=True):
                 out[i] = p
         return out
 
@@ -190,14 +193,8 @@ class Models:
         )
 
     def _sample(self, g: Any, cond: dict, scale: float, steps: int, seed: int) -> np.ndarray:
-        import torch
-
-        from reptok_core.generator_task import sample_tokens
-
-        kw = dict(scale=scale, interval=tuple(g.cfg.cfg_interval), steps=steps, seed=seed)
-        with torch.no_grad():
-            if "labels" in cond:
-                z = sample_tokens(g.model, g.normalizer, labels=torch.tensor(cond["labels"]), **kw)
-            else:
-                z = sample_tokens(g.model, g.normalizer, text=cond["encoder"](cond["text"]), **kw)
+        if "labels" in cond:
+            z = self.inference.class_tokens(g, cond["labels"], scale, steps, seed)
+        else:
+            z = self.inference.text_tokens(g, cond["encoder"](cond["text"]), scale, steps, seed)
         return z.float().cpu().numpy()

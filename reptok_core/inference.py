@@ -1,0 +1,94 @@
+"""Decoding and token sampling as a server runs them: per-request seeds, rows padded to
+power-of-two batch buckets, and on a GPU every (bucket, steps, guidance) replayed from a CUDA
+graph (graph_cache.py). One class-conditional 256-px image: 2.7 s eager, 0.3 s replayed on an
+H200 (benchmarks/NOTES.md). The math is generator_task.sample_tokens and Tokenizer.decode,
+unchanged: a request's result does not depend on the batch it rode in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reptok_core.generator_task import LoadedGenerator, sample_tokens, seeded_token_noise
+from reptok_core.graph_cache import GraphCache, bucket
+
+
+def _padded(x: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    pad = x.new_full((rows - x.shape[0], *x.shape[1:]), fill)
+    return torch.cat([x, pad])
+
+
+def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters to `dtype` for inference; buffers (Fourier frequencies up to 1000, RoPE
+    tables) stay fp32, where bf16 would round them visibly."""
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    return module
+
+
+class Inference:
+    """Graph-cached decode / sample for one device's models. Keys name the model object (a
+    captured graph keeps it alive, so the id is not reused). A replica builds a new one when
+    it loads other models, which frees the old models' graphs."""
+
+    def __init__(self, max_batch: int = 16, max_graphs: int = 32):
+        self.max_batch = max_batch
+        self.graphs = GraphCache(max_graphs)
+
+    def decode(self, tok, tokens: torch.Tensor, steps: int, seeds: list[int]) -> torch.Tensor:
+        """Tokens (n, D) -> images in [-1, 1]; row i starts from `tok.seeded_noise(1, seeds[i])`,
+        as `tok.decode(tokens[i:i+1], steps, seed=seeds[i])` would."""
+        n = tokens.shape[0]
+        device = next(tok.decoder.parameters()).device
+        rows = bucket(n, max(self.max_batch, n))
+        noise = torch.cat([tok.seeded_noise(1, s) for s in seeds]).to(device)
+        z = tokens.to(device, torch.float32)
+
+        def run(z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            return tok.decode(z, steps, noise=noise)
+
+        key = ("decode", id(tok), steps)
+        return self.graphs.run(key, run, _padded(z, rows), _padded(noise, rows))[:n]
+
+    def class_tokens(
+        self, g: LoadedGenerator, labels: list[int], scale: float, steps: int, seed: int
+    ) -> torch.Tensor:
+        """Denormalised tokens (n, D), equal to `sample_tokens(labels=..., seed=seed)`."""
+        device = next(g.model.parameters()).device
+        n = len(labels)
+        rows = bucket(n, max(self.max_batch, n))
+        y = torch.as_tensor(labels, dtype=torch.long, device=device)
+        noise = seeded_token_noise(n, g.normalizer, seed).to(device)
+        kw = dict(scale=scale, interval=tuple(g.cfg.cfg_interval), steps=steps)
+
+        def run(y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            return sample_tokens(g.model, g.normalizer, labels=y, noise=noise, **kw)
+
+        key = ("class", id(g), scale, steps, kw["interval"])
+        y, noise = _padded(y, rows, g.model.null_class), _padded(noise, rows)
+        return self.graphs.run(key, run, y, noise)[:n]
+
+    def text_tokens(
+        self,
+        g: LoadedGenerator,
+        text: tuple[torch.Tensor, torch.Tensor],
+        scale: float,
+        steps: int,
+        seed: int,
+    ) -> torch.Tensor:
+        """Denormalised tokens (n, D) for caption states `text` = (states, mask) of n rows."""
+        device = next(g.model.parameters()).device
+        states, mask = (v.to(device) for v in text)
+        n = states.shape[0]
+        rows = bucket(n, max(self.max_batch, n))
+        noise = seeded_token_noise(n, g.normalizer, seed).to(device)
+        kw = dict(scale=scale, interval=tuple(g.cfg.cfg_interval), steps=steps)
+
+        def run(states: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            return sample_tokens(g.model, g.normalizer, text=(states, mask), noise=noise, **kw)
+
+        key = ("text", id(g), scale, steps, kw["interval"])
+        padded = (_padded(states, rows), _padded(mask, rows, 1), _padded(noise, rows))
+        return self.graphs.run(key, run, *padded)[:n]

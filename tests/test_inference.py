@@ -1,0 +1,88 @@
+"""The serving path (`reptok_core.inference`): padded batch buckets and the graph cache must
+give every row what the plain per-request calls give. On CPU the graph cache runs the calls
+directly; the CUDA replay is checked on the GPU (benchmarks/bench_serving.py: bitwise equal to
+the eager path)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from reptok_core.generator_task import LoadedGenerator, build_model, generator_preset, sample_tokens
+from reptok_core.graph_cache import GraphCache, bucket
+from reptok_core.inference import Inference, cast_weights
+from reptok_core.token_stats import TokenNormalizer
+from reptok_core.tokenizer import Tokenizer, tokenizer_tiny
+
+
+def _nonzero(model: torch.nn.Module) -> torch.nn.Module:
+    # Zero-initialised output layers would make every velocity 0 and these checks vacuous.
+    for p in model.parameters():
+        if p.ndim >= 2 and not p.detach().any():
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    cfg = tokenizer_tiny()
+    cfg.encoder = dataclasses.replace(cfg.encoder, weights="random")
+    tok = Tokenizer(cfg)
+    _nonzero(tok.decoder)
+    gcfg = generator_preset("tiny")
+    gcfg.mixer = dataclasses.replace(gcfg.mixer, token_dim=tok.token_dim)
+    norm = TokenNormalizer(torch.randn(tok.token_dim), torch.rand(tok.token_dim) + 0.5)
+    return tok.eval(), LoadedGenerator(_nonzero(build_model(gcfg)), norm, gcfg, {})
+
+
+def test_bucket_pads_to_powers_of_two_up_to_the_largest_batch():
+    assert [bucket(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert bucket(20, 16) == 20  # more rows than the largest bucket: no padding, no truncation
+    with pytest.raises(ValueError, match="batch of 0 rows"):
+        bucket(0, 16)
+
+
+def test_decode_rows_match_single_requests_with_their_seeds(models):
+    tok, _ = models
+    z = torch.randn(3, tok.token_dim)
+    seeds = [5, 0, 11]
+    rows = Inference(max_batch=16).decode(tok, z, steps=4, seeds=seeds)  # padded to 4 rows
+    assert rows.shape == (3, 3, 16, 16)
+    for i, s in enumerate(seeds):
+        alone = tok.decode(z[i : i + 1], 4, seed=s)
+        torch.testing.assert_close(rows[i : i + 1], alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(rows[0], rows[1])  # different tokens and seeds, different images
+
+
+def test_class_and_text_tokens_match_sample_tokens(models):
+    _, g = models
+    inf = Inference(max_batch=8)
+    labels = [1, 4, 7]
+    got = inf.class_tokens(g, labels, scale=1.5, steps=5, seed=3)  # padded with the null class
+    want = sample_tokens(g.model, g.normalizer, labels=torch.tensor(labels), scale=1.5,
+                         interval=tuple(g.cfg.cfg_interval), steps=5, seed=3)  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, inf.class_tokens(g, labels, scale=1.5, steps=5, seed=4))
+
+    tcfg = generator_preset("tiny", kind="text")
+    tcfg.text = dataclasses.replace(tcfg.text, token_dim=g.cfg.mixer.token_dim, text_dim=12)
+    t = LoadedGenerator(_nonzero(build_model(tcfg)), g.normalizer, tcfg, {})
+    states, mask = torch.randn(3, 5, 12), torch.tensor([[1, 1, 1, 0, 0]] * 3).bool()
+    got = inf.text_tokens(t, (states, mask), scale=2.0, steps=5, seed=3)  # padded to 4 rows
+    want = sample_tokens(t.model, t.normalizer, text=(states, mask), scale=2.0,
+                         interval=tuple(tcfg.cfg_interval), steps=5, seed=3)  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_graph_cache_runs_plain_calls_off_the_gpu():
+    cache = GraphCache()
+    out = cache.run("double", lambda x: 2 * x, torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 2.0)) and cache.captures == 0
+
+
+def test_cast_weights_keeps_buffers_in_float32(models):
+    _, g = models
+    model = cast_weights(build_model(g.cfg), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
