@@ -58,6 +58,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose weight follows the input's dtype. Under bf16 autocast q and k arrive in
+    bf16 while the weight is fp32, and torch then falls back from its fused kernel to ~6
+    elementwise ops each way: a third of the text generator's step on an H200
+    (benchmarks/NOTES.md). The fused kernel accumulates in fp32 either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+# Below this many query x key pairs per head, attention runs as two batched matmuls and a
+# softmax: the fused SDPA kernels tile to 64-128 rows and columns, so for the text generator
+# (6 queries over 6 tokens or a caption's 16-77 states) they spent most of their time on
+# padding (~1/3 of its step on an H200, benchmarks/NOTES.md); the math backend upcasts to fp32.
+SHORT_ATTENTION_PAIRS = 4096
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v for (B, H, N, Dh) inputs; `mask` (bool, broadcastable to
+    (B, H, N, M)) marks the keys each query may see. Same result as SDPA."""
+    if q.shape[-2] * k.shape[-2] > SHORT_ATTENTION_PAIRS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # Scores in fp32 like the fused kernels' accumulators (tiny here: N x M per head).
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with RMS-normalised q and k (stable at large width) via SDPA."""
 
@@ -68,8 +99,8 @@ class Attention(nn.Module):
         self.heads = heads
         self.head_dim = dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.q_norm = RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
     def forward(
@@ -83,9 +114,7 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope[0][:, None], rope[1][:, None]  # (N, 1, Dh)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        )
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -98,8 +127,8 @@ class CrossAttention(nn.Module):
         self.head_dim = dim // heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim, 2 * dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.q_norm = RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
     def forward(
@@ -110,8 +139,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(context).view(b, m, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn_mask = None if mask is None else mask[:, None, None, :].bool()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attention(q, k, v, None if mask is None else mask[:, None, None, :].bool())
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

@@ -6,7 +6,7 @@ import torch
 
 from reptok_core.decoder import Decoder, decoder_tiny
 from reptok_core.latent_space import SDVAESpace
-from reptok_core.layers import apply_rope, rope_2d
+from reptok_core.layers import apply_rope, attention, rope_2d
 from reptok_core.mixer import MixerGenerator, mixer_tiny
 from reptok_core.text_generator import TextGenerator, text_generator_tiny
 from reptok_core.token_stats import RunningStats, TokenNormalizer
@@ -164,3 +164,14 @@ def test_core_never_imports_ray_or_mlflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("n,m", [(6, 16), (6, 6), (80, 80)])
+def test_short_attention_matches_sdpa(n, m):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, n, 8), torch.randn(2, 3, m, 8), torch.randn(2, 3, m, 8)
+    mask = torch.rand(2, 1, 1, m) < 0.7
+    mask[..., 0] = True  # every query sees at least one key
+    for msk in (None, mask):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=msk)
+        torch.testing.assert_close(attention(q, k, v, msk), want, atol=1e-5, rtol=1e-5)
