@@ -5,7 +5,7 @@ H200 an eager step spends 82 ms on the host for 32 ms of GPU work; a replay is o
 (benchmarks/NOTES.md). Capture needs a single process (FSDP2's hooks and collectives do not
 capture), fixed shapes and a loss without host syncs; the generator tasks qualify.
 
-How: the first `warmup` steps run eagerly on a side stream (lazy initialisation, optimiser
+How: the first `warmup` steps of a batch shape run eagerly on a side stream (lazy initialisation, optimiser
 state, cuBLAS workspaces), then one step is captured and every later step copies its batch into
 the captured input buffers, writes the learning rate into the tensor the fused AdamW reads, and
 replays. Capture executes nothing, so the captured step is replayed at once: no step is lost or
@@ -72,14 +72,16 @@ class CudaGraphStep:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]
-        self.eager_steps = 0
+        self.eager_steps: dict[tuple | None, int] = {}  # per batch signature
         self.replays = 0
 
     def __call__(self, batch: dict[str, Any], lr: float) -> dict[str, torch.Tensor]:
         sig = _signature(batch)
         if self.graph is not None and sig == self.signature:
             return self._replay(batch, lr)
-        if self.graph is None and sig is not None and self.eager_steps >= self.warmup:
+        # Capture a shape only after it ran eagerly: its compiled blocks and lazily created
+        # state exist then, and nothing has to compile inside the capture.
+        if self.graph is None and sig is not None and self.eager_steps.get(sig, 0) >= self.warmup:
             self._capture(batch, sig)
             return self._replay(batch, lr)
         return self._eager(batch, lr)
@@ -98,7 +100,8 @@ class CudaGraphStep:
                 **self.kw,
             )
         torch.cuda.current_stream(self.device).wait_stream(self.side)
-        self.eager_steps += 1
+        sig = _signature(batch)
+        self.eager_steps[sig] = self.eager_steps.get(sig, 0) + 1
         return out
 
     def _capture(self, batch: dict[str, Any], sig: tuple) -> None:
@@ -132,6 +135,8 @@ class CudaGraphStep:
                 g["lr"], g["capturable"] = lr, cap
 
     def _replay(self, batch: dict[str, Any], lr: float) -> dict[str, torch.Tensor]:
+        # Non-blocking keeps the host ahead of the GPU; safe as long as the data source does not
+        # refill a pinned buffer it already handed out (NumPy / pageable batches never do).
         for k, v in batch.items():
             self.inputs[k].copy_(torch.as_tensor(v), non_blocking=True)
         set_lr(self.optimizer, lr)

@@ -119,7 +119,9 @@ class Guidance:
     interval: tuple[float, float] = (0.0, 1.0)
 
     def active(self, t: float) -> bool:
-        lo, hi = self.interval
+        # Compared in fp32, the grid's own precision: a bound such as 0.8 rounds up in fp32 and
+        # must still include the grid point 0.8.
+        lo, hi = torch.tensor(self.interval, dtype=torch.float32).tolist()
         return self.scale != 1.0 and lo <= t <= hi
 
     def apply(self, v_c: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

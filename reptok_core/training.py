@@ -83,6 +83,8 @@ class EMA:
     def update(self, model: nn.Module, decay: float | None = None) -> None:
         d = self.decay if decay is None else decay
         pairs = [(self.shadow[n], p) for n, p in model.named_parameters() if n in self.shadow]
+        if not pairs:
+            return
         # One multi-tensor kernel instead of a launch per parameter (hundreds for the mixer);
         # FSDP2 shards are updated through their local tensors.
         shadows = [_local(s) for s, _ in pairs]

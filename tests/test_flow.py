@@ -96,3 +96,13 @@ def test_sampler_validates_arguments():
         flow.sample(lambda x, t: x, torch.zeros(1, 1), steps=0)
     with pytest.raises(ValueError, match="sampler"):
         flow.sample(lambda x, t: x, torch.zeros(1, 1), steps=2, method="rk4")
+
+
+@pytest.mark.parametrize("interval", [(0.2, 0.8), (0.3, 0.9), (0.4, 0.6), (0.0, 1.0)])
+def test_guidance_interval_is_decided_like_float32_tensors(interval):
+    # The host-side decision must match comparing the fp32 grid with fp32 bounds on a device.
+    g = flow.Guidance(lambda x, t: x, 2.0, interval)
+    for steps in (10, 25, 50, 100, 250):
+        grid = flow.time_grid(steps)
+        lo, hi = torch.tensor(interval, dtype=torch.float32)
+        assert [g.active(t) for t in grid.tolist()] == ((grid >= lo) & (grid <= hi)).tolist()

@@ -28,8 +28,8 @@ class ModelSettings:
     cache_dir: str = opt("", "where registry versions are downloaded ('' = the temp folder)")
     precision: str = opt(
         "auto",
-        "decoder / generator weights: 'bf16', 'fp32', or 'auto' (bf16 on a GPU); the ODE state "
-        "and the encoder stay fp32",
+        "weights of the decoder, the SD-VAE and the generators: 'bf16', 'fp32', or 'auto' (bf16 "
+        "on a GPU that has it); the ODE state and the encoder stay fp32",
     )
     compile: str = opt(
         "auto",

@@ -25,6 +25,8 @@ class Loaded:
 
     refs: dict[str, tuple[str, str]]  # role -> (reference, registry version)
     tokenizer: Any
+    inference: Any  # reptok_core.inference.Inference: CUDA graphs of exactly these models
+    knobs: tuple = ()  # the settings the models were prepared with (precision, compile, graphs)
     generator: Any = None
     text_generator: Any = None
     text_encoder: Any = None
@@ -37,12 +39,13 @@ def _version(ref: str, settings: ModelSettings) -> str:
 
 
 def load_changed(
-    old: Loaded | None, settings: ModelSettings, device: torch.device
+    old: Loaded | None, settings: ModelSettings, device: torch.device, max_batch: int = 16
 ) -> Loaded | None:
     """The models `settings` ask for, reusing what `old` already holds; None when nothing
-    changed (same references, same registry versions). Raises ValueError on a bad combination."""
+    changed (same references, registry versions, precision, compile and graph settings).
+    Raises ValueError on a bad combination."""
     from reptok_core.generator_task import load_generator
-    from reptok_core.inference import cast_weights
+    from reptok_core.inference import Inference, cast_weights
     from reptok_core.text_encoder import OFFLINE_MINILM, TextEncoder
     from reptok_core.tokenizer_task import load_tokenizer
 
@@ -50,8 +53,11 @@ def load_changed(
     if not wanted["tokenizer"]:
         raise ValueError("model.tokenizer is empty: give an export folder or models:/ URI")
     refs = {r: (ref, _version(ref, settings)) for r, ref in wanted.items() if ref}
-    if old is not None and old.refs == refs:
+    knobs = (settings.precision, settings.compile, settings.max_graphs, max_batch)
+    if old is not None and old.refs == refs and old.knobs == knobs:
         return None
+    if old is not None and old.knobs != knobs:
+        old = None  # models are cast / compiled in place: prepare everything afresh
 
     def fetch(role: str) -> str:
         cache = settings.cache_dir or None
@@ -65,6 +71,9 @@ def load_changed(
         tokenizer=old.tokenizer
         if same("tokenizer")
         else load_tokenizer(fetch("tokenizer"), device),
+        # A fresh graph cache per generation: captured graphs hold the old weights' memory.
+        inference=Inference(max_batch, settings.max_graphs),
+        knobs=knobs,
     )
     if "generator" in refs:
         new.generator = (
@@ -115,7 +124,9 @@ def _weights_dtype(precision: str, device: torch.device) -> torch.dtype:
 
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"model.precision={precision!r}; expected 'auto', 'bf16' or 'fp32'")
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
     return torch.bfloat16 if bf16 else torch.float32
 
 

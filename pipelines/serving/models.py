@@ -39,7 +39,6 @@ class Models:
         self.batched_items = 0
         self.reloads = 0
         self._reload_lock = threading.Lock()
-        self.inference = None  # built by reconfigure: it needs model.max_graphs
         self._poller: asyncio.Task | None = None
         self.max_batch_size = s.max_batch_size
         for method in (self.encode, self.decode):
@@ -51,13 +50,9 @@ class Models:
     def _refresh(self, settings: ModelSettings) -> bool:
         """Load whatever changed (reference or registry version); True when anything did."""
         with self._reload_lock:
-            new = load_changed(self.loaded, settings, self.device)
+            new = load_changed(self.loaded, settings, self.device, self.max_batch_size)
             if new is None:
                 return False
-            from reptok_core.inference import Inference
-
-            # Captured graphs hold the old weights' memory: start a fresh cache.
-            self.inference = Inference(self.max_batch_size, settings.max_graphs)
             self.loaded = new
             self.reloads += 1
             log.info("loaded models %s", new.refs)
@@ -151,13 +146,13 @@ class Models:
     async def decode(
         self, tokens: list[np.ndarray], steps: list[int], seeds: list[int]
     ) -> list[np.ndarray]:
-        """Tokens (D,) -> uint8 (H, W, 3). Each request keeps its own seed, so a request's image
-        does not depend on which other requests it was batched with."""
+        """Tokens (D,) -> uint8 (H, W, 3). Each request keeps its own seed, so its image does
+        not depend on which other requests it was batched with (up to kernel rounding)."""
         self._count(len(tokens))
-        return await asyncio.to_thread(self._decode, self.loaded.tokenizer, tokens, steps, seeds)
+        return await asyncio.to_thread(self._decode, self.loaded, tokens, steps, seeds)
 
     def _decode(
-        self, tok: Any, tokens: list[np.ndarray], steps: list[int], seeds: list[int]
+        self, m: Loaded, tokens: list[np.ndarray], steps: list[int], seeds: list[int]
     ) -> list[np.ndarray]:
         import torch
 
@@ -167,7 +162,7 @@ class Models:
         for n_steps in sorted(set(steps)):  # one flow solve per step count in the batch
             idx = [i for i, s in enumerate(steps) if s == n_steps]
             z = torch.as_tensor(np.stack([tokens[i] for i in idx]), dtype=torch.float32)
-            images = self.inference.decode(tok, z, n_steps, [seeds[i] for i in idx])
+            images = m.inference.decode(m.tokenizer, z, n_steps, [seeds[i] for i in idx])
             for i, p in zip(idx, images_to_uint8(images), strict=True):
                 out[i] = p
         return out
@@ -176,25 +171,18 @@ class Models:
         self, labels: list[int], scale: float, steps: int, seed: int
     ) -> np.ndarray:
         """Stage-2 sampling (a small MLP-Mixer: cheap next to decoding, so not batched)."""
-        g = self.loaded.generator
-        return await asyncio.to_thread(self._sample, g, {"labels": labels}, scale, steps, seed)
+        m = self.loaded  # one snapshot: a reload during the request does not mix generations
+        return await asyncio.to_thread(
+            lambda: m.inference.class_tokens(m.generator, labels, scale, steps, seed).cpu().numpy()
+        )
 
     async def text_tokens(
         self, prompt: str, n: int, scale: float, steps: int, seed: int
     ) -> np.ndarray:
         m = self.loaded
-        return await asyncio.to_thread(
-            self._sample,
-            m.text_generator,
-            {"text": [prompt] * n, "encoder": m.text_encoder},
-            scale,
-            steps,
-            seed,
-        )
 
-    def _sample(self, g: Any, cond: dict, scale: float, steps: int, seed: int) -> np.ndarray:
-        if "labels" in cond:
-            z = self.inference.class_tokens(g, cond["labels"], scale, steps, seed)
-        else:
-            z = self.inference.text_tokens(g, cond["encoder"](cond["text"]), scale, steps, seed)
-        return z.float().cpu().numpy()
+        def run() -> np.ndarray:
+            text = m.text_encoder([prompt] * n)
+            return m.inference.text_tokens(m.text_generator, text, scale, steps, seed).cpu().numpy()
+
+        return await asyncio.to_thread(run)

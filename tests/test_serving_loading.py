@@ -1,0 +1,35 @@
+"""Which model settings make a Serve replica load again (no Ray needed: the loading step)."""
+
+import pytest
+import torch
+
+from pipelines.serving.config import ModelSettings
+from pipelines.serving.loading import load_changed
+
+CPU = torch.device("cpu")
+
+
+def test_reload_only_when_a_reference_or_a_preparation_setting_changes(tiny_tokenizer_export):
+    settings = ModelSettings(tokenizer=tiny_tokenizer_export)
+    first = load_changed(None, settings, CPU)
+    assert first is not None and load_changed(first, settings, CPU) is None
+    assert next(first.tokenizer.decoder.parameters()).dtype == torch.float32  # auto on CPU
+    # Weights are cast / compiled in place, so a new precision prepares fresh copies; the graph
+    # cache is per generation of models.
+    bf16 = load_changed(
+        first, ModelSettings(tokenizer=tiny_tokenizer_export, precision="bf16"), CPU
+    )
+    assert bf16 is not None and bf16.tokenizer is not first.tokenizer
+    assert next(bf16.tokenizer.decoder.parameters()).dtype == torch.bfloat16
+    assert next(first.tokenizer.decoder.parameters()).dtype == torch.float32
+    assert bf16.inference is not first.inference
+    graphs = load_changed(bf16, ModelSettings(tokenizer=tiny_tokenizer_export, precision="bf16",
+                                              max_graphs=0), CPU)  # fmt: skip
+    assert graphs is not None and graphs.inference.graphs.max_graphs == 0
+
+
+@pytest.mark.parametrize("key,value", [("precision", "fp16"), ("compile", "yes")])
+def test_bad_preparation_settings_name_the_option(tiny_tokenizer_export, key, value):
+    settings = ModelSettings(tokenizer=tiny_tokenizer_export, **{key: value})
+    with pytest.raises(ValueError, match=f"model.{key}={value!r}"):
+        load_changed(None, settings, CPU)
