@@ -143,7 +143,7 @@ class Generator:
         def uncond(x, t):
             return self.mixer(x.to(dt_m), t, self.null).float()
 
-        guidance = flow.Guidance(uncond, self.scale, self.interval)
+        guidance = flow.Guidance(lambda x, t: (cond(x, t), uncond(x, t)), self.scale, self.interval)
         z = flow.sample(cond, z_noise, self.steps, guidance=guidance)
         tok = (z * self.token_std + self.token_mean).to(dt_d)
         lat = flow.sample(

@@ -108,13 +108,14 @@ def validation_loss(
 class Guidance:
     """Classifier-free guidance for `sample`: v_u + scale (v_c - v_u) while t is inside
     `interval` (the paper: 1.5 on [0.3, 0.9]); elsewhere, and at scale 1, only the conditional
-    branch runs, which also skips the extra forward.
+    velocity is computed. `branches(x, t)` returns (v_c, v_u), e.g. from one forward of the
+    doubled batch.
 
     `sample` decides this per step on the host from its time grid: the loop then has no
     device-to-host syncs, so a CUDA graph can hold it (reptok_core/graph_cache.py).
     """
 
-    uncond_fn: VelocityFn
+    branches: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     scale: float
     interval: tuple[float, float] = (0.0, 1.0)
 
@@ -124,8 +125,8 @@ class Guidance:
         lo, hi = torch.tensor(self.interval, dtype=torch.float32).tolist()
         return self.scale != 1.0 and lo <= t <= hi
 
-    def apply(self, v_c: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v_u = self.uncond_fn(x, t)
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v_c, v_u = self.branches(x, t)
         return v_u + self.scale * (v_c - v_u)
 
 
@@ -151,8 +152,9 @@ def sample(
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         t_b = torch.full((b,), t, device=x.device)
-        v = velocity_fn(x, t_b)
-        return guidance.apply(v, x, t_b) if guidance and guidance.active(t) else v
+        if guidance is not None and guidance.active(t):
+            return guidance.velocity(x, t_b)
+        return velocity_fn(x, t_b)
 
     x = noise
     for i in range(steps):

@@ -2,7 +2,7 @@
 
 Why: sampling is 50-100 small network calls in a row (mixer, then decoder), each a few hundred
 kernels at batch 1, so eager sampling is bound by kernel launches: one 256-px image took 1.65 s
-on an H200 eagerly, 0.29 s replayed from graphs (benchmarks/NOTES.md).
+on an H200 eagerly, 0.27 s replayed from graphs (benchmarks/NOTES.md).
 
 `GraphCache.run(key, fn, *inputs)` runs `fn(*inputs)` (tensors in, one tensor out). On CUDA the
 first calls with a key run `fn` eagerly on a side stream (which also warms up lazily

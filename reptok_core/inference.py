@@ -1,7 +1,7 @@
 """Decoding and token sampling as a server runs them: per-request seeds, rows padded to
 power-of-two batch buckets, and on a GPU every (bucket, steps, guidance) replayed from a CUDA
 graph (graph_cache.py). One class-conditional 256-px image on an H200: 1.65 s eager in fp32,
-0.29 s replayed in bf16, 0.18 s with compiled blocks (benchmarks/NOTES.md). The math is
+0.265 s replayed in bf16, 0.155 s with compiled blocks (benchmarks/NOTES.md). The math is
 generator_task.sample_tokens and Tokenizer.decode, unchanged; a request's seed fixes its
 result, up to the rounding of kernels chosen by batch size (bf16: ~1e-2 relative).
 """

@@ -72,9 +72,13 @@ def test_cfg_scale_one_is_conditional_and_interval_respected():
     x = torch.zeros(3, 2)
     plain = flow.sample(cond, x, steps=10)
     assert torch.allclose(plain, torch.full_like(x, -1.0))  # 10 steps of dt = -0.1, v = 1
-    same = flow.sample(cond, x, steps=10, guidance=flow.Guidance(uncond, 1.0, (0.25, 0.85)))
+
+    def branches(x, t):
+        return cond(x, t), uncond(x, t)
+
+    same = flow.sample(cond, x, steps=10, guidance=flow.Guidance(branches, 1.0, (0.25, 0.85)))
     assert torch.equal(same, plain) and not calls  # scale 1: the unconditional branch never runs
-    g = flow.sample(cond, x, steps=10, guidance=flow.Guidance(uncond, 2.0, (0.25, 0.85)))
+    g = flow.sample(cond, x, steps=10, guidance=flow.Guidance(branches, 2.0, (0.25, 0.85)))
     # t = 0.8 ... 0.3 (6 steps) inside: u + s (c - u) = -1 + 2 * 2 = 3; the other 4 steps: 1
     assert calls == pytest.approx([0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
     assert torch.allclose(g, torch.full_like(x, -0.1 * (6 * 3 + 4 * 1)))
