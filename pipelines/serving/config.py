@@ -34,7 +34,7 @@ class ModelSettings:
     compile: str = opt(
         "auto",
         "torch.compile every decoder and class-mixer block: 'auto' (on a GPU), 'true', 'false'. "
-        "One 256-px image on an H200: 0.155 s instead of 0.265 s; the first requests of each "
+        "One 256-px image on an H200: 0.155 s instead of 0.265 s; the first request of a new "
         "batch bucket compiles (10-20 s)",
     )
     max_graphs: int = opt(
