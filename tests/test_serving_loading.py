@@ -1,10 +1,14 @@
 """Which model settings make a Serve replica load again (no Ray needed: the loading step)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from pipelines.serving.config import ModelSettings
-from pipelines.serving.loading import load_changed
+from pipelines.serving.loading import load_changed, warm_up
+from reptok_core.generator_task import LoadedGenerator, build_model, generator_preset
+from reptok_core.token_stats import TokenNormalizer
 
 CPU = torch.device("cpu")
 
@@ -33,3 +37,15 @@ def test_bad_preparation_settings_name_the_option(tiny_tokenizer_export, key, va
     settings = ModelSettings(tokenizer=tiny_tokenizer_export, **{key: value})
     with pytest.raises(ValueError, match=f"model.{key}={value!r}"):
         load_changed(None, settings, CPU)
+
+
+def test_warm_up_runs_every_loaded_model(tiny_tokenizer_export):
+    # On a GPU this compiles and captures before the first request; here it must at least run
+    # the same calls (class tokens -> decode) without error.
+    m = load_changed(None, ModelSettings(tokenizer=tiny_tokenizer_export), CPU)
+    cfg = generator_preset("tiny")
+    cfg.mixer = dataclasses.replace(cfg.mixer, token_dim=m.tokenizer.token_dim)
+    norm = TokenNormalizer.identity(m.tokenizer.token_dim)
+    m.generator = LoadedGenerator(build_model(cfg).eval(), norm, cfg, {})
+    warm_up(m, steps=2)
+    assert m.inference.graphs.captures == 0  # graphs exist only on CUDA

@@ -37,6 +37,12 @@ class ModelSettings:
         "One 256-px image on an H200: 0.155 s instead of 0.265 s; the first request of a new "
         "batch bucket compiles (10-20 s)",
     )
+    warmup_steps: int = opt(
+        50,
+        "on a GPU, run each loaded model twice at batch 1 with this many steps (and the "
+        "generator's own CFG scale) before serving, so the first requests find compiled blocks "
+        "and captured graphs; set it to limits.default_steps; 0 = no warm-up",
+    )
     max_graphs: int = opt(
         32, "CUDA graphs kept per replica, one per (batch bucket, steps, CFG scale); 0 = eager"
     )

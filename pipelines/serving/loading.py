@@ -110,7 +110,25 @@ def load_changed(
                 f"model.{role} makes {g.normalizer.mean.numel()}-d tokens but the "
                 f"tokenizer's are {new.tokenizer.token_dim}-d"
             )
+    if settings.warmup_steps > 0 and device.type == "cuda":
+        warm_up(new, settings.warmup_steps)
     return new
+
+
+def warm_up(m: Loaded, steps: int) -> None:
+    """Twice each model at batch 1: the first call compiles and runs eagerly, the second
+    captures its CUDA graph (graph_cache.py), so requests with these settings start replaying."""
+    import torch
+
+    for _ in range(2):
+        z = torch.zeros(1, m.tokenizer.token_dim)
+        if m.generator is not None:
+            z = m.inference.class_tokens(m.generator, [0], m.generator.cfg.cfg_scale, steps, 0)
+        if m.text_generator is not None:
+            text = m.text_encoder(["a photo"])
+            scale = m.text_generator.cfg.cfg_scale
+            m.inference.text_tokens(m.text_generator, text, scale, steps, 0)
+        m.inference.decode(m.tokenizer, z.cpu(), steps, [0])
 
 
 def _flag(value: str, name: str, device: torch.device) -> bool:
