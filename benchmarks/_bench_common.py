@@ -17,6 +17,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from reptok_core.layers import compile_blocks  # noqa: E402,F401 - the benchmarks' regional mode
+
 
 @dataclass
 class RunSpec:
@@ -66,12 +68,6 @@ def environment(device: torch.device) -> dict:
             gpu=props.name, sms=props.multi_processor_count, mem_gb=props.total_memory / 2**30
         )
     return env
-
-
-def compile_blocks(blocks: Iterable[nn.Module]) -> None:
-    """Regional compilation: each block compiled in place (shared code, one compile per shape)."""
-    for blk in blocks:
-        blk.compile(dynamic=False)
 
 
 def uncompile_blocks(blocks: Iterable[nn.Module]) -> None:

@@ -84,9 +84,11 @@ class CudaGraphStep:
         if self.graph is None and sig is not None and self.eager_steps.get(sig, 0) >= self.warmup:
             self._capture(batch, sig)
             return self._replay(batch, lr)
-        return self._eager(batch, lr)
+        return self._eager(batch, sig, lr)
 
-    def _eager(self, batch: dict[str, Any], lr: float) -> dict[str, torch.Tensor]:
+    def _eager(
+        self, batch: dict[str, Any], sig: tuple | None, lr: float
+    ) -> dict[str, torch.Tensor]:
         set_lr(self.optimizer, lr)
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.side):
@@ -100,7 +102,6 @@ class CudaGraphStep:
                 **self.kw,
             )
         torch.cuda.current_stream(self.device).wait_stream(self.side)
-        sig = _signature(batch)
         self.eager_steps[sig] = self.eager_steps.get(sig, 0) + 1
         return out
 

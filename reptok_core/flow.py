@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -119,10 +120,15 @@ class Guidance:
     scale: float
     interval: tuple[float, float] = (0.0, 1.0)
 
-    def active(self, t: float) -> bool:
-        # Compared in fp32, the grid's own precision: a bound such as 0.8 rounds up in fp32 and
-        # must still include the grid point 0.8.
+    @cached_property
+    def _bounds(self) -> tuple[float, float]:
+        # In fp32, the grid's own precision: a bound such as 0.8 rounds up in fp32 and must
+        # still include the grid point 0.8.
         lo, hi = torch.tensor(self.interval, dtype=torch.float32).tolist()
+        return lo, hi
+
+    def active(self, t: float) -> bool:
+        lo, hi = self._bounds
         return self.scale != 1.0 and lo <= t <= hi
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

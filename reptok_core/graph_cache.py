@@ -74,6 +74,8 @@ class GraphCache:
                 out = fn(*inputs)
             torch.cuda.current_stream(device).wait_stream(side)
             out.record_stream(torch.cuda.current_stream(device))
+            if len(self.seen) >= 4096:  # keys come from requests: keep the tally bounded
+                self.seen.clear()
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] >= self.capture_after and key not in self.failed:
                 self._capture(key, fn, inputs)

@@ -46,6 +46,7 @@ def load_changed(
     Raises ValueError on a bad combination."""
     from reptok_core.generator_task import load_generator
     from reptok_core.inference import Inference, cast_weights
+    from reptok_core.layers import compile_blocks
     from reptok_core.text_encoder import OFFLINE_MINILM, TextEncoder
     from reptok_core.tokenizer_task import load_tokenizer
 
@@ -98,13 +99,13 @@ def load_changed(
         cast_weights(new.tokenizer.decoder, dtype)
         cast_weights(new.tokenizer.latent_space, dtype)
         if compiled:
-            _compile_blocks(new.tokenizer.decoder.blocks)
+            compile_blocks(new.tokenizer.decoder.blocks)
     for role in ("generator", "text_generator"):
         g = getattr(new, role)
         if g is not None and not same(role):
             cast_weights(g.model, dtype)
             if compiled and role == "generator":  # measured; the text model stays eager
-                _compile_blocks(g.model.blocks)
+                compile_blocks(g.model.blocks)
         if g is not None and g.normalizer.mean.numel() != new.tokenizer.token_dim:
             raise ValueError(
                 f"model.{role} makes {g.normalizer.mean.numel()}-d tokens but the "
@@ -146,9 +147,3 @@ def _weights_dtype(precision: str, device: torch.device) -> torch.dtype:
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     return torch.bfloat16 if bf16 else torch.float32
-
-
-def _compile_blocks(blocks) -> None:
-    # Regional compilation: one compile per block shape, reused by all blocks of the model.
-    for block in blocks:
-        block.compile(dynamic=False)
