@@ -150,9 +150,11 @@ def load_vit_weights(model: nn.Module, uri: str) -> None:
 
 
 class Preprocess(nn.Module):
-    """[-1, 1] images (any square-or-not size) -> the encoder's normalised input.
-
-    Center crop to a square, resize (antialiased) to the encoder's size, ImageNet mean/std.
+    """[-1, 1] images (any square-or-not size) -> the encoder's normalised input, as the
+    official RepTok encoder resizes: centre crop to a square (torchvision's rounding of the
+    offset), average-pool by side // size when that is >= 2, then bilinear to the encoder's
+    size WITHOUT antialiasing, then ImageNet mean/std. The same 256-px image gives a token 12%
+    away (relative) under an antialiased resize, so this is part of the model.
     """
 
     def __init__(self, size: int):
@@ -165,11 +167,18 @@ class Preprocess(nn.Module):
         h, w = x.shape[-2:]
         s = min(h, w)
         if h != w:
-            top, left = (h - s) // 2, (w - s) // 2
+            top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
             x = x[..., top : top + s, left : left + s]
-        if s != self.size:
+        factor = s // self.size
+        if factor > 1:
+            x = F.avg_pool2d(x, factor)
+        if x.shape[-1] != self.size:
             x = F.interpolate(
-                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+                x,
+                size=(self.size, self.size),
+                mode="bilinear",
+                antialias=False,
+                align_corners=False,
             )
         x = (x + 1) / 2
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
@@ -232,23 +241,3 @@ class SSLEncoder(nn.Module):
 def cosine_loss(z: torch.Tensor, z_frozen: torch.Tensor, weight: float) -> torch.Tensor:
     """λ · (1 − cos(z, z_frozen)), averaged over the batch."""
     return weight * (1 - F.cosine_similarity(z.float(), z_frozen.float(), dim=-1)).mean()
-
-
-class TokenProjection(nn.Module):
-    """Token (D) -> decoder width (W >= D): LayerNorm(Linear_zero(z)) + zero-padded z.
-
-    At init the linear branch is exactly zero, so the decoder sees the SSL token itself.
-    """
-
-    def __init__(self, token_dim: int, width: int):
-        super().__init__()
-        if width < token_dim:
-            raise ValueError(f"decoder width {width} must be >= token dim {token_dim}")
-        self.pad = width - token_dim
-        self.linear = nn.Linear(token_dim, width)
-        self.norm = nn.LayerNorm(width)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.linear(z)) + F.pad(z, (0, self.pad))

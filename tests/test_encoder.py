@@ -6,7 +6,6 @@ from reptok_core.encoder import (
     EncoderConfig,
     Preprocess,
     SSLEncoder,
-    TokenProjection,
     build_vit,
     cosine_loss,
     encoder_tiny,
@@ -59,6 +58,8 @@ def test_cosine_loss_matches_hand_computation():
 
 
 def test_token_projection_is_padding_at_init():
+    from reptok_core.decoder import TokenProjection
+
     proj = TokenProjection(4, 6)
     z = torch.randn(3, 4)
     assert torch.allclose(proj(z), F.pad(z, (0, 2)))

@@ -4,9 +4,15 @@ import sys
 import pytest
 import torch
 
-from reptok_core.decoder import Decoder, decoder_tiny
+from reptok_core.decoder import (
+    Decoder,
+    apply_half_rope,
+    axial_rope_angles,
+    canvas_positions,
+    decoder_tiny,
+)
 from reptok_core.latent_space import SDVAESpace
-from reptok_core.layers import apply_rope, attention, rope_2d
+from reptok_core.layers import attention
 from reptok_core.mixer import MixerGenerator, mixer_tiny
 from reptok_core.text_generator import TextGenerator, text_generator_tiny
 from reptok_core.token_stats import RunningStats, TokenNormalizer
@@ -36,27 +42,34 @@ def test_decoder_output_has_latent_shape_and_starts_at_zero():
 def test_decoder_uses_the_token():
     torch.manual_seed(0)
     dec = Decoder(decoder_tiny())
-    for p in dec.parameters():  # leave the zero-init: make every weight non-trivial
-        torch.nn.init.normal_(p, std=0.1)
+    for p in dec.parameters():  # leave the zero-init: make every matrix non-trivial
+        if p.ndim >= 2:
+            torch.nn.init.normal_(p, std=0.1)
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     assert not torch.allclose(dec(x, t, torch.randn(2, 32)), dec(x, t, torch.randn(2, 32)))
 
 
-def test_rope_scores_depend_only_on_relative_offset():
-    cos, sin = rope_2d(grid=4, head_dim=8, n_prefix=1)
-    q, k = torch.randn(8), torch.randn(8)
+def test_rope_scores_depend_only_on_relative_canvas_offset():
+    pos = canvas_positions(4)  # token at (0, 0), then the 16 patch centres
+    angles = axial_rope_angles(pos, heads=2, head_dim=16)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    q, k = torch.randn(16), torch.randn(16)
 
-    def score(i: int, j: int) -> float:
-        qi = apply_rope(q.view(1, 1, 1, 8).expand(1, 1, 17, 8), cos, sin)[0, 0, i]
-        kj = apply_rope(k.view(1, 1, 1, 8).expand(1, 1, 17, 8), cos, sin)[0, 0, j]
+    def score(i: int, j: int, head: int = 1) -> float:
+        qi = apply_half_rope(q.view(1, 1, 1, 16).expand(1, 2, 17, 16), cos, sin)[0, head, i]
+        kj = apply_half_rope(k.view(1, 1, 1, 16).expand(1, 2, 17, 16), cos, sin)[0, head, j]
         return float(qi @ kj)
 
-    # grid positions are 1 + row * 4 + col; (0,0)->(1,1) and (2,2)->(3,3) have the same offset
+    # patch (r, c) is token 1 + 4r + c; (0,0)->(1,1) and (2,2)->(3,3) have the same offset
     assert abs(score(1, 6) - score(11, 16)) < 1e-4
     assert abs(score(1, 6) - score(1, 7)) > 1e-4
-    assert torch.equal(cos[0], torch.ones(8)) and torch.equal(
-        sin[0], torch.zeros(8)
-    )  # prefix: no rotation
+    assert torch.equal(pos[0], torch.zeros(2, dtype=pos.dtype))  # the token: no rotation
+    assert torch.equal(cos[:, 0], torch.ones(2, 4)) and torch.equal(sin[:, 0], torch.zeros(2, 4))
+    # half of each head's channels rotate; the rest pass through unchanged
+    rotated = apply_half_rope(q.view(1, 1, 1, 16).expand(1, 2, 17, 16), cos, sin)
+    assert torch.equal(rotated[..., 8:], q[8:].expand(1, 2, 17, 8))
+    # heads get different frequencies (dealt out round-robin from one log-spaced range)
+    assert not torch.allclose(angles[0], angles[1])
 
 
 def test_tokenizer_loss_decode_reconstruct_interpolate():
@@ -81,7 +94,8 @@ def test_decode_with_explicit_noise_equals_seeded_decode():
     torch.manual_seed(0)
     tok = Tokenizer(tokenizer_tiny())
     for p in tok.decoder.parameters():  # a non-zero velocity, so the flow really runs
-        torch.nn.init.normal_(p, std=0.02)
+        if p.ndim >= 2:
+            torch.nn.init.normal_(p, std=0.02)
     z = torch.randn(2, 32)
 
     def seeded(n: int, seed: int) -> torch.Tensor:
