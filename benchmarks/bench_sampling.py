@@ -29,20 +29,10 @@ import torch
 
 from reptok_core import flow
 from reptok_core.decoder import Decoder, decoder_paper, decoder_tiny
-from reptok_core.latent_space import SDVAESpace
+from reptok_core.latent_space import SD_VAE_FT_MSE, SDVAESpace
 from reptok_core.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
 from reptok_core.perf import synchronize
 
-SD_VAE_FT_MSE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512],
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=256,
-)
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,

@@ -22,11 +22,11 @@ import time
 
 import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
-from bench_sampling import SD_VAE_FT_MSE, TINY_VAE
+from bench_sampling import TINY_VAE
 
 from reptok_core.generator_task import LoadedGenerator, build_model, generator_preset
 from reptok_core.inference import Inference, cast_weights
-from reptok_core.latent_space import SDVAESpace
+from reptok_core.latent_space import SD_VAE_FT_MSE, SDVAESpace
 from reptok_core.token_stats import TokenNormalizer
 from reptok_core.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
 

@@ -26,6 +26,21 @@ class LatentSpaceConfig:
     sample: bool = opt(True, "sample the VAE posterior (true) or take its mean (false)")
 
 
+# The diffusers config of stabilityai/sd-vae-ft-mse (the paper's VAE): the one source for code
+# that builds that VAE without the hub (benchmarks, the official-checkpoint import).
+SD_VAE_FT_MSE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=256,
+)
+
+
 class PixelSpace(nn.Module):
     channels = 3
     downsample = 1
