@@ -4,6 +4,7 @@
     s3://bucket/runs/t1/export            the same on S3
     models:/reptok-tokenizer@current      a registered-model alias (moves when a run registers)
     models:/reptok-tokenizer/3            a fixed registered version
+    builtin:NAME                          an export shipped in reptok_core/pretrained/NAME/
 
 Registry entries are downloaded to a local folder (the version's `source` is the run's logged
 artifact folder, see common.register_export), so core loaders only ever see plain folders.
@@ -15,6 +16,8 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+
+from reptok_core.weights import resolve_builtin
 
 _MODELS = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -65,7 +68,7 @@ def resolve(uri: str, mlflow_uri: str = "", cache_dir: str | None = None) -> Res
     if not uri:
         raise ValueError("empty model reference")
     if not is_registry(uri):
-        return ResolvedModel(uri, uri, "")
+        return ResolvedModel(uri, resolve_builtin(uri), "")
     import mlflow
 
     name, _, _ = _parse(uri)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines import common, image_data, ray_trainer, train_loop  # noqa: E402
-from reptok_core.config import opt, section  # noqa: E402
+from pipelines import common, image_data, model_uri, ray_trainer, train_loop  # noqa: E402
+from reptok_core.config import from_dict, opt, section  # noqa: E402
 from reptok_core.tokenizer import TokenizerConfig  # noqa: E402
 from reptok_core.training import OptimConfig  # noqa: E402
 
@@ -36,6 +36,12 @@ class TrainTokenizerConfig:
     loop: train_loop.LoopConfig = section(train_loop.LoopConfig, "training loop")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule, clipping, EMA")
     run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
+    init_from: str = opt(
+        "",
+        "fine-tune an exported tokenizer (folder, s3://, models:/NAME@ALIAS, builtin:NAME, or "
+        "an imported official checkpoint): its architecture and weights, with this config's "
+        "model.encoder.finetune / cos_weight and model.flow; '' trains from model.* as given",
+    )
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -46,8 +52,15 @@ def main(argv: list[str] | None = None) -> str:
         )
     common.init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
     use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
-    run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="tokenizer")
     tracking_uri = common.mlflow_uri(cfg.run)
+    vae_config = None
+    if cfg.init_from:
+        from reptok_core.tokenizer_task import finetune_config, read_tokenizer_meta
+
+        meta = read_tokenizer_meta(model_uri.resolve(cfg.init_from, tracking_uri).folder)
+        cfg.model = finetune_config(cfg.model, from_dict(TokenizerConfig, meta["config"]))
+        vae_config = meta.get("vae_config")
+    run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="tokenizer")
     eval_batch = image_data.heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
     train_ds = image_data.train_dataset(cfg.data.train)
     out_uri = common.export_uri(cfg.run)
@@ -56,15 +69,17 @@ def main(argv: list[str] | None = None) -> str:
     def train_fn(_: dict) -> None:
         from reptok_core.tokenizer_task import TokenizerTask, export_tokenizer
 
+        # Resolved again here: a registry download on the driver is not on the worker's node.
+        init = model_uri.resolve(cfg.init_from, tracking_uri).folder if cfg.init_from else ""
         train_loop.run(
-            lambda device: TokenizerTask(cfg.model, device),
+            lambda device: TokenizerTask(cfg.model, device, init_from=init),
             cfg.loop,
             cfg.optim,
             eval_batch=eval_batch,
             run_id=run_id,
             tracking_uri=tracking_uri,
             export_fn=lambda state: export_tokenizer(
-                state, cfg.model, out_uri, {"mlflow_run_id": run_id}
+                state, cfg.model, out_uri, {"mlflow_run_id": run_id}, vae_config
             ),
             run_dir=run_dir,
         )

@@ -184,7 +184,8 @@ class Preprocess(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-def _set_trainable(vit: nn.Module, finetune: str) -> None:
+def set_trainable(vit: nn.Module, finetune: str) -> None:
+    """Freeze the ViT except what `finetune` names ('cls', 'full', 'last:N', 'none')."""
     for p in vit.parameters():
         p.requires_grad_(False)
     if finetune == "none":
@@ -217,7 +218,7 @@ class SSLEncoder(nn.Module):
         self.vit.reset_classifier(0)
         # The target is the encoder as loaded, before any update: deep-copied, frozen, eval.
         self.frozen = copy.deepcopy(self.vit).eval().requires_grad_(False)
-        _set_trainable(self.vit, cfg.finetune)
+        set_trainable(self.vit, cfg.finetune)
         self.preprocess = Preprocess(cfg.img_size)
         self.dim = self.vit.embed_dim
 

@@ -5,6 +5,7 @@ Pure PyTorch; the Ray pipeline and the torchrun benchmarks both drive it.
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -16,6 +17,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from reptok_core import flow
 from reptok_core.config import from_dict, to_dict
 from reptok_core.distributed import shard_blocks
+from reptok_core.encoder import set_trainable
 from reptok_core.latent_space import SDVAESpace
 from reptok_core.metrics import psnr, ssim
 from reptok_core.storage import join, read_bytes, write_bytes_atomic
@@ -46,16 +48,36 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
+def finetune_config(requested: TokenizerConfig, exported: TokenizerConfig) -> TokenizerConfig:
+    """Fine-tuning an export: its architecture (encoder, decoder, latent space, image size),
+    with the requested training choices (which encoder weights train, λ, the flow's t)."""
+    cfg = copy.deepcopy(exported)
+    cfg.encoder.finetune = requested.encoder.finetune
+    cfg.encoder.cos_weight = requested.encoder.cos_weight
+    cfg.flow = copy.deepcopy(requested.flow)
+    return cfg
+
+
 class TokenizerTask:
+    """`init_from` (an export folder) starts from its weights; `cfg` must then be
+    `finetune_config(..., that export's config)`."""
+
     def __init__(
         self,
         cfg: TokenizerConfig,
         device: torch.device,
         latent_space: torch.nn.Module | None = None,
+        init_from: str = "",
     ):
         self.cfg = cfg
         self.device = device
-        self.model = Tokenizer(cfg, latent_space=latent_space).to(device)
+        if init_from:
+            model = load_tokenizer(init_from, latent_space=latent_space).train()
+            model.cfg = cfg
+            set_trainable(model.encoder.vit, cfg.encoder.finetune)
+        else:
+            model = Tokenizer(cfg, latent_space=latent_space)
+        self.model = model.to(device)
 
     def shard(self, bf16_params: bool = False) -> None:
         dec = self.model.decoder
@@ -147,17 +169,20 @@ def load_tokenizer(
     meta = read_tokenizer_meta(uri)
     cfg = from_dict(TokenizerConfig, meta["config"])
     cfg.encoder.weights = "random"
-    if latent_space is None and "vae_config" in meta:
+    state = load_safetensors_bytes(read_bytes(join(uri, EXPORT_WEIGHTS)))
+    vae_from_export = latent_space is None and "vae_config" in meta
+    if vae_from_export:
         latent_space = SDVAESpace.from_config(
             meta["vae_config"], cfg.latent.scaling_factor, cfg.latent.sample
         )
+    else:  # the caller's latent space (or the hub's VAE) keeps its own weights
+        state = {k: v for k, v in state.items() if not k.startswith("latent_space.")}
     model = Tokenizer(cfg, latent_space=latent_space)
-    state = load_safetensors_bytes(read_bytes(join(uri, EXPORT_WEIGHTS)))
     # The target is the trained encoder except where the export says otherwise.
     frozen = {f"encoder.frozen.{k}": v for k, v in _encoder_state(state).items()}
     state = {**frozen, **state}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if "vae_config" not in meta:
+    if not vae_from_export:
         missing = [k for k in missing if not k.startswith("latent_space.")]
     if missing or unexpected:
         raise ValueError(

@@ -16,20 +16,21 @@ PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretr
 
 
 def resolve_builtin(uri: str) -> str:
-    """'builtin:NAME' -> the weights file shipped as reptok_core/pretrained/NAME.safetensors
-    (a path inside the installed package, so Ray workers find it from any working directory);
-    any other URI is returned unchanged."""
+    """'builtin:NAME' -> what is shipped as reptok_core/pretrained/NAME.safetensors (weights)
+    or reptok_core/pretrained/NAME/ (an export folder), a path inside the installed package so
+    Ray workers find it from any working directory; any other URI is returned unchanged."""
     if not uri.startswith(BUILTIN):
         return uri
     name = uri[len(BUILTIN) :]
-    path = os.path.join(PRETRAINED_DIR, f"{name}.safetensors")
-    if not os.path.isfile(path):
-        files = os.listdir(PRETRAINED_DIR)
-        shipped = sorted(
-            f.removesuffix(".safetensors") for f in files if f.endswith(".safetensors")
-        )
-        raise ValueError(f"weights {uri!r}: no built-in weights {name!r}; shipped: {shipped}")
-    return path
+    for path in (
+        os.path.join(PRETRAINED_DIR, f"{name}.safetensors"),
+        os.path.join(PRETRAINED_DIR, name),
+    ):
+        if os.path.exists(path):
+            return path
+    shipped = sorted(f.removesuffix(".safetensors") for f in os.listdir(PRETRAINED_DIR))
+    shipped = sorted({f for f in shipped if not f.endswith(".json")})
+    raise ValueError(f"weights {uri!r}: no built-in weights {name!r}; shipped: {shipped}")
 
 
 def load_state_dict_file(uri: str) -> dict[str, torch.Tensor]:
