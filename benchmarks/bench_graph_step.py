@@ -71,7 +71,7 @@ def stepper(task: GeneratorTask, device: torch.device, graph: bool):
 
 def check(device: torch.device, kind: str, steps: int = 12) -> dict[str, float]:
     """Graphed vs eager from identical weights and RNG: relative differences after `steps`."""
-    base = make_task("small", 256, device, kind, token_mlp_dim=9)
+    base = make_task("small", 256, device, kind)
     batches = list(base.epoch_batches(0, 64, seed=0))[:2]
     results = {}
     for graph in (False, True):

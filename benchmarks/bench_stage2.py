@@ -52,7 +52,7 @@ def fused_vs_matmul(device: torch.device) -> dict[str, float]:
     """One paper-size mixer block in fp32: fused token mixing vs two matmuls (output, grads)."""
     torch.manual_seed(0)
     cfg = mixer_paper()
-    blk = MixerBlock(cfg.width, cfg.mlp_ratio, cfg.token_mlp_dim).to(device)
+    blk = MixerBlock(cfg.width, cfg.token_hidden, cfg.channel_hidden).to(device)
     for q in blk.parameters():
         torch.nn.init.normal_(q, std=0.05)
     x = torch.randn(64, 3, 1536, device=device)

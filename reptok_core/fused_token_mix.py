@@ -1,7 +1,8 @@
 """The MLP-Mixer's token-mixing MLP as two Triton kernels (forward, backward) on CUDA.
 
 For x (B, N, C) with N = 3 tokens, the token MLP computes, for every (b, c),
-    out[b, :, c] = W2 · gelu_tanh(W1 · x[b, :, c] + b1) + b2      (W1: H x N, W2: N x H)
+    out[b, :, c] = W2 · gelu(W1 · x[b, :, c] + b1) + b2      (W1: H x N, W2: N x H)
+with the exact (erf) GELU of the official RepTok mixer, as reptok_core.layers.MLP.
 As two matmuls (K = 3 and N = 3) its hidden activation (B, H, C), 85x the block input for
 H = 256, goes through memory several times per step, which made it most of the mixer's step
 time. These kernels keep the hidden activation in registers: the forward reads x and writes
@@ -25,8 +26,8 @@ try:
 except ImportError:  # CPU-only installs: the matmul path is used
     triton = None
 
-# gelu_tanh(u) = 0.5 u (1 + tanh(k (u + 0.044715 u^3))) = u * sigmoid(2k (u + 0.044715 u^3)),
-# k = sqrt(2 / pi); the kernels use the sigmoid form (2k = 1.5957691216057308, 3 * 0.044715).
+# gelu(u) = u Φ(u) with Φ(u) = 0.5 (1 + erf(u / sqrt 2)) the standard normal CDF, and
+# gelu'(u) = Φ(u) + u φ(u) with φ(u) = exp(-u² / 2) / sqrt(2 pi) its density.
 
 
 def available(x: torch.Tensor, n_tokens: int, hidden: int) -> bool:
@@ -42,8 +43,8 @@ def available(x: torch.Tensor, n_tokens: int, hidden: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gelu_arg(u):  # gelu_tanh(u) = u * sigmoid(_gelu_arg(u))
-        return 1.5957691216057308 * (u + 0.044715 * u * u * u)
+    def _normal_cdf(u):  # gelu(u) = u * _normal_cdf(u)
+        return 0.5 * (1.0 + tl.erf(u * 0.7071067811865475))
 
     @triton.jit
     def _fwd_small_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, C, H: tl.constexpr,
@@ -69,7 +70,7 @@ if triton is not None:
             + x2[:, None] * w12[None, :]
             + bb1[None, :]
         )
-        g = pre * tl.sigmoid(_gelu_arg(pre))
+        g = pre * _normal_cdf(pre)
         for j in tl.static_range(3):
             w2j = tl.load(w2_ptr + j * H + offs_h).to(tl.float32)
             oj = tl.sum(g * w2j[None, :], axis=1) + tl.load(b2_ptr + j).to(tl.float32)
@@ -96,7 +97,7 @@ if triton is not None:
             w11 = tl.load(w1_ptr + h * 3 + 1).to(tl.float32)
             w12 = tl.load(w1_ptr + h * 3 + 2).to(tl.float32)
             pre = x0 * w10 + x1 * w11 + x2 * w12 + tl.load(b1_ptr + h).to(tl.float32)
-            g = pre * tl.sigmoid(_gelu_arg(pre))
+            g = pre * _normal_cdf(pre)
             o0 += g * tl.load(w2_ptr + h).to(tl.float32)
             o1 += g * tl.load(w2_ptr + H + h).to(tl.float32)
             o2 += g * tl.load(w2_ptr + 2 * H + h).to(tl.float32)
@@ -135,9 +136,9 @@ if triton is not None:
             w21 = tl.load(w2_ptr + H + h).to(tl.float32)
             w22 = tl.load(w2_ptr + 2 * H + h).to(tl.float32)
             pre = x0 * w10 + x1 * w11 + x2 * w12 + tl.load(b1_ptr + h).to(tl.float32)
-            s = tl.sigmoid(_gelu_arg(pre))
-            g = pre * s
-            dgelu = s + pre * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * pre * pre)
+            cdf = _normal_cdf(pre)
+            g = pre * cdf
+            dgelu = cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327  # 1 / sqrt(2 pi)
             # Masked lanes have zero output gradient, hence zero dpre and g * go.
             dpre = (g0 * w20 + g1 * w21 + g2 * w22) * dgelu
             dx0 += dpre * w10

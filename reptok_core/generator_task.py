@@ -54,7 +54,16 @@ class GeneratorConfig:
     text: TextGeneratorConfig = section(TextGeneratorConfig, "text-conditioned model (kind=text)")
     flow: flow.FlowConfig = section(flow.FlowConfig, "training-time t distribution")
     cfg_scale: float = opt(1.5, "classifier-free guidance scale for evaluation samples (1 = off)")
-    cfg_interval: list[float] = opt([0.3, 0.9], "t-interval [lo, hi] where CFG is applied")
+    cfg_interval: list[float] = opt(
+        [0.3, 0.9],
+        "[lo, hi] where CFG is applied, inclusive, in the GENERATOR's time s = 1 - t (s = 0 is "
+        "noise), as the paper's and the official code's [0.3, 0.9] (reptok_core/flow.py)",
+    )
+    token_scale: float = opt(
+        0.0,
+        "token normalisation: 0 = per-dimension mean/std of the token manifest; > 0 = the "
+        "official scalar, tokens divided by this `scale_factor` (reptok_core/flow.py)",
+    )
 
 
 def generator_preset(name: str, kind: str = "class") -> GeneratorConfig:
@@ -98,7 +107,8 @@ def sample_tokens(
 
     Give `labels` (B,) for a MixerGenerator (use `model.null_class` for unconditional samples)
     or `text=(states (B, L, E), mask (B, L))` for a TextGenerator. CFG with `scale` is applied
-    only for t in `interval` (the paper: 1.5 on [0.3, 0.9]). The same seed gives the same tokens;
+    only where the generator time s = 1 - t is in `interval` (the paper: 1.5 on [0.3, 0.9];
+    reptok_core/flow.py). The same seed gives the same tokens;
     `noise` (B, D), when given, replaces `seeded_token_noise(B, normalizer, seed)`.
     """
     p = next(model.parameters())

@@ -22,8 +22,8 @@ def _padded(x: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:
 
 
 def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Parameters to `dtype` for inference; buffers stay fp32 (the Fourier time-embedding
-    frequencies go up to 1000, where bf16 steps by 4)."""
+    """Parameters to `dtype` for inference; buffers stay fp32 (time-embedding frequencies:
+    bf16's 8-bit mantissa would shift every sinusoid)."""
     for p in module.parameters():
         p.data = p.data.to(dtype)
     return module

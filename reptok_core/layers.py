@@ -1,4 +1,4 @@
-"""Building blocks shared by the decoder and the generators: time embedding, 2-D RoPE,
+"""Building blocks shared by the decoder and the generators: time embeddings, 2-D RoPE,
 q/k-normalised attention, and the MLP."""
 
 from __future__ import annotations
@@ -10,21 +10,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class FourierTimeEmbedding(nn.Module):
-    """t in [0, 1] -> fixed log-spaced Fourier features -> mapping MLP (SiLU) -> `out_dim`."""
+class SinusoidalTimeEmbedding(nn.Module):
+    """DiT's timestep embedder, as the official RepTok generator uses it: t -> [cos(t f_k),
+    sin(t f_k)] with f_k = 10000^(-k / (freq_dim / 2)), k < freq_dim / 2, -> Linear -> SiLU ->
+    Linear. t is used as given (a float in [0, 1] for the generators, not scaled by 1000)."""
 
-    def __init__(self, out_dim: int, num_freqs: int = 128, max_freq: float = 1000.0):
+    def __init__(self, out_dim: int, freq_dim: int = 256, max_period: float = 10000.0):
         super().__init__()
-        freqs = torch.exp(torch.linspace(0, math.log(max_freq), num_freqs))
+        if freq_dim % 2:
+            raise ValueError(f"freq_dim must be even, got {freq_dim}")
+        half = freq_dim // 2
+        # Computed as exp(-ln(P) k / half) in fp32, the official formula's own rounding.
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(
-            nn.Linear(2 * num_freqs, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim)
+            nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim)
         )
 
+    def features(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B, freq_dim): cosines first, then sines, in fp32 (inference.cast_weights
+        leaves the frequency buffer in fp32)."""
+        angles = t.float()[:, None] * self.freqs.float()[None]
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        angles = t.float()[:, None] * self.freqs[None] * (2 * math.pi)
-        feats = torch.cat([angles.cos(), angles.sin()], dim=-1)
-        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+        return self.mlp(self.features(t).to(self.mlp[0].weight.dtype))
 
 
 def rope_2d(
@@ -144,13 +154,15 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Linear -> exact (erf) GELU -> Linear, as the official RepTok mixer's FeedForward."""
+
     def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

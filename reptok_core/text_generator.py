@@ -1,5 +1,11 @@
 """Text-conditioned token generator: a transformer over [noisy token, K learnable tokens,
-time token] that cross-attends to a frozen text encoder's token states."""
+time token] that cross-attends to a frozen text encoder's token states.
+
+It shares the class mixer's (official RepTok) input parts: the tokens are built at the
+image-token dimension D (DiT's sinusoidal time embedding) and projected to the width by one
+shared Linear; MLPs use the exact GELU; the network runs the official generator's time s = 1 - t
+and predicts data - noise, while `forward` takes and returns the flow's t and velocity
+(conventions: reptok_core/flow.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from reptok_core.config import opt
-from reptok_core.layers import MLP, Attention, CrossAttention, FourierTimeEmbedding
+from reptok_core.layers import MLP, Attention, CrossAttention, SinusoidalTimeEmbedding
 
 
 @dataclass
@@ -69,10 +75,10 @@ class TextGenerator(nn.Module):
     def __init__(self, cfg: TextGeneratorConfig):
         super().__init__()
         self.cfg = cfg
-        w = cfg.width
-        self.token_in = nn.Linear(cfg.token_dim, w)
-        self.learnable = nn.Parameter(torch.randn(1, cfg.num_learnable_tokens, w) * 0.02)
-        self.time_embed = FourierTimeEmbedding(w)
+        d, w = cfg.token_dim, cfg.width
+        self.learnable = nn.Parameter(torch.randn(1, cfg.num_learnable_tokens, d) * 0.02)
+        self.time_embed = SinusoidalTimeEmbedding(d)
+        self.proj_in = nn.Linear(d, w)  # shared by all tokens
         self.pos = nn.Parameter(torch.randn(1, cfg.num_learnable_tokens + 2, w) * 0.02)
         # A learned "empty caption": what the model is conditioned on when the caption is dropped.
         self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))
@@ -105,16 +111,18 @@ class TextGenerator(nn.Module):
             first_only = torch.zeros_like(mask, dtype=torch.bool)
             first_only[:, 0] = True
             mask = torch.where(null[:, None], first_only, mask.bool())
-        h = torch.cat(
+        dt = z_t.dtype
+        s = 1 - t.float()  # the generators' time: 0 at noise
+        tokens = torch.cat(
             [
-                self.token_in(z_t)[:, None],
-                self.learnable.expand(b, -1, -1),
-                self.time_embed(t).to(z_t.dtype)[:, None],
+                z_t[:, None],
+                self.learnable.to(dt).expand(b, -1, -1),
+                self.time_embed(s).to(dt)[:, None],
             ],
             dim=1,
         )
-        h = h + self.pos
+        h = self.proj_in(tokens) + self.pos
         text = text.to(h.dtype)
         for block in self.blocks:
             h = block(h, text, mask)
-        return self.out(self.norm(h[:, 0]))
+        return -self.out(self.norm(h[:, 0]))  # data - noise -> the flow's noise - data

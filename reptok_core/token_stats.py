@@ -1,4 +1,5 @@
-"""Per-dimension token statistics: stage 2 learns on tokens normalised to zero mean, unit std."""
+"""Token statistics and normalisation: stage 2 learns on tokens normalised per dimension to zero
+mean and unit std, or divided by one scalar as the official code does (reptok_core/flow.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ class TokenNormalizer(nn.Module):
     @classmethod
     def identity(cls, dim: int) -> TokenNormalizer:
         return cls(torch.zeros(dim), torch.ones(dim))
+
+    @classmethod
+    def scalar(cls, dim: int, scale_factor: float) -> TokenNormalizer:
+        """The official RepTok scaling, z / scale_factor (conventions: reptok_core/flow.py)."""
+        if not scale_factor > 0:
+            raise ValueError(f"token scale_factor must be > 0, got {scale_factor}")
+        return cls(torch.zeros(dim), torch.full((dim,), float(scale_factor)))
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.mean.to(z.dtype)) / self.std.to(z.dtype)

@@ -76,12 +76,13 @@ def test_cfg_scale_one_is_conditional_and_interval_respected():
     def branches(x, t):
         return cond(x, t), uncond(x, t)
 
-    same = flow.sample(cond, x, steps=10, guidance=flow.Guidance(branches, 1.0, (0.25, 0.85)))
+    same = flow.sample(cond, x, steps=10, guidance=flow.Guidance(branches, 1.0, (0.15, 0.45)))
     assert torch.equal(same, plain) and not calls  # scale 1: the unconditional branch never runs
-    g = flow.sample(cond, x, steps=10, guidance=flow.Guidance(branches, 2.0, (0.25, 0.85)))
-    # t = 0.8 ... 0.3 (6 steps) inside: u + s (c - u) = -1 + 2 * 2 = 3; the other 4 steps: 1
-    assert calls == pytest.approx([0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
-    assert torch.allclose(g, torch.full_like(x, -0.1 * (6 * 3 + 4 * 1)))
+    g = flow.sample(cond, x, steps=10, guidance=flow.Guidance(branches, 2.0, (0.15, 0.45)))
+    # The interval is in the generator's time s = 1 - t (0 = noise): s = 0.2, 0.3, 0.4 are
+    # inside, i.e. t = 0.8, 0.7, 0.6 (3 steps): u + s (c - u) = -1 + 2 * 2 = 3; the other 7: 1
+    assert calls == pytest.approx([0.8, 0.7, 0.6])
+    assert torch.allclose(g, torch.full_like(x, -0.1 * (3 * 3 + 7 * 1)))
 
 
 def test_validation_loss_is_deterministic_and_segmented():
@@ -103,10 +104,21 @@ def test_sampler_validates_arguments():
 
 
 @pytest.mark.parametrize("interval", [(0.2, 0.8), (0.3, 0.9), (0.4, 0.6), (0.0, 1.0)])
-def test_guidance_interval_is_decided_like_float32_tensors(interval):
-    # The host-side decision must match comparing the fp32 grid with fp32 bounds on a device.
+def test_guidance_interval_is_decided_like_the_official_sampler(interval):
+    # The official generate_with_cfg_interval walks s = linspace(0, 1, n + 1) (fp32, 0 = noise)
+    # and guides unless s < lo or s > hi, a 0-dim fp32 tensor against Python floats.
     g = flow.Guidance(lambda x, t: x, 2.0, interval)
+    lo, hi = interval
     for steps in (10, 25, 50, 100, 250):
-        grid = flow.time_grid(steps)
-        lo, hi = torch.tensor(interval, dtype=torch.float32)
-        assert [g.active(t) for t in grid.tolist()] == ((grid >= lo) & (grid <= hi)).tolist()
+        official = [not (s < lo or s > hi) for s in torch.linspace(0, 1, steps + 1)]
+        assert g.guided(steps) == official
+    # The grid points line up: t_i = 1 - s_i.
+    assert torch.allclose(flow.time_grid(50), 1 - torch.linspace(0, 1, 51), atol=1e-7)
+    # Both bounds are inclusive: at 10 steps s = 0.3 ... 0.9 are 7 guided points (3 .. 9).
+    assert flow.Guidance(None, 1.5, (0.3, 0.9)).guided(10) == [False] * 3 + [True] * 7 + [False]
+    assert flow.Guidance(None, 1.0, (0.3, 0.9)).guided(10) == [False] * 11
+
+
+def test_guidance_interval_is_checked():
+    with pytest.raises(ValueError, match="CFG interval"):
+        flow.Guidance(None, 1.5, (0.9, 0.3)).guided(10)
