@@ -77,9 +77,9 @@ class Generator:
         dev = next(mixer.parameters()).device
         self.device = dev
         ts = flow.time_grid(steps)  # fp32 on the host: the schedule is known in advance
-        lo, hi = interval
         self.dt = [(ts[i + 1] - ts[i]).item() for i in range(steps)]
-        self.guided = [scale != 1.0 and bool((ts[i] >= lo) & (ts[i] <= hi)) for i in range(steps)]
+        # interval in the generator's time s = 1 - t, decided as flow.sample does
+        self.guided = flow.guided_points(scale, tuple(interval), steps)[:steps]
         self.t1 = [ts[i].expand(batch).to(dev) for i in range(steps)]
         self.t2 = [ts[i].expand(2 * batch).to(dev) for i in range(steps)]
         self.batch = batch
