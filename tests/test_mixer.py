@@ -2,11 +2,14 @@
 the official key mapping, and the fused token-mixing kernel (CUDA only)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from reptok_core import fused_token_mix as ftm
+from reptok_core.generator_task import sample_tokens
 from reptok_core.layers import MLP, SinusoidalTimeEmbedding
 from reptok_core.mixer import (
     MixerBlock,
@@ -16,7 +19,10 @@ from reptok_core.mixer import (
     mixer_tiny,
     official_mixer_state_dict,
 )
+from reptok_core.official_checkpoint import load_official_checkpoint, official_parts
 from reptok_core.token_stats import TokenNormalizer
+
+OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 
 
 def randomised(model: torch.nn.Module) -> torch.nn.Module:
@@ -128,6 +134,48 @@ def test_official_state_dict_errors_name_the_problem():
     missing = {k: v for k, v in official.items() if k != "mixer._orig_mod.1.1.fn.3.bias"}
     with pytest.raises(ValueError, match="(?s)does not fit.*blocks.0.channel_mix.fc2.bias"):
         mixer_from_official(missing, num_classes=10)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_imported_official_mixer_matches_the_official_code():
+    # Fixture: the official MLPMixer1D + FlowModel (CompVis/RepTok, random weights, fp32 CPU),
+    # in a checkpoint saved like the release (tests/fixtures/official/official.json).
+    ckpt = load_official_checkpoint(OFFICIAL / "reptok-tiny.ckpt")
+    parts = official_parts(ckpt.state_dict).parts
+    hp = ckpt.hyper_parameters
+    net = hp["flow_cfg"]["params"]["net_cfg"]["params"]
+    scale_factor = hp["first_stage_cfg"]["params"]["scale_factor"]
+    io = load_file(OFFICIAL / "io.safetensors")
+    x, s, y = io["mix.x"][:, 0], io["mix.t"], io["mix.y"]  # s: the official time, 0 = noise
+    models = {}
+    for part, key in (("generator", "mix.v_raw"), ("generator_ema", "mix.v_ema")):
+        model = mixer_from_official(parts[part], net["num_classes"], net["class_dropout_prob"])
+        models[part] = model.eval()
+        with torch.no_grad():
+            # official velocity = data - noise at official time s = -(ours at t = 1 - s)
+            assert rel_err(-model(x, 1 - s, y), io[key][:, 0]) < 1e-4, part
+    ema = models["generator_ema"]
+    null = torch.full_like(y, ema.null_class)
+    with torch.no_grad():
+        v_c, v_u = -ema(x, 1 - s, y), -ema(x, 1 - s, null)
+    assert rel_err(v_u, io["mix.v_uncond_ema"][:, 0]) < 1e-4
+    assert rel_err(v_u + 1.5 * (v_c - v_u), io["mix.v_cfg_ema"][:, 0]) < 1e-4
+    # 10 Euler steps with CFG 1.5 on the paper's interval [0.3, 0.9] (boundaries on the grid),
+    # tokens scaled by the official scalar: denormalised = what their decode() feeds the decoder.
+    tokens = sample_tokens(
+        ema,
+        TokenNormalizer.scalar(net["channels"], scale_factor),
+        labels=io["gen.y"],
+        scale=1.5,
+        interval=(0.3, 0.9),
+        steps=10,
+        noise=io["gen.noise"][:, 0],
+    )
+    assert rel_err(tokens, io["gen.tokens_10_unscaled"]) < 1e-4
+    assert rel_err(tokens / scale_factor, io["gen.tokens_10"][:, 0]) < 1e-4
 
 
 def test_scalar_token_normalizer_is_the_official_division():
