@@ -28,14 +28,11 @@ import torch
 from reptok_core.decoder import DecoderConfig, axial_rope_angles
 from reptok_core.encoder import EncoderConfig, convert_official_dinov2
 from reptok_core.latent_space import SD_VAE_FT_MSE, LatentSpaceConfig, SDVAESpace
+from reptok_core.official_checkpoint import OfficialCheckpointError
 from reptok_core.tokenizer import Tokenizer, TokenizerConfig
 
 FIRST_STAGE = "first_stage.decoder.decoder."
 DINO = FIRST_STAGE + "encoder.dino."
-
-
-class OfficialCheckpointError(ValueError):
-    """The file is not (or not entirely) an official RepTok checkpoint; names what is wrong."""
 
 
 @dataclass
@@ -129,8 +126,8 @@ def decoder_state(part: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str
         "token_proj.norm.bias": part["encoder.dino.backbone.ln.bias"],
         "patch_merge.weight": part["backbone.mid_merge.pre_proj.proj.weight"],
         "in_proj.weight": part["backbone.mid_merge.proj.weight"],
-        "out_norm.weight": part["backbone.mid_split.norm.scale"],
-        "out_proj.weight": part["backbone.mid_split.proj.weight"],
+        "out_norm.weight": part["backbone.mid_split.post_proj.norm.scale"],
+        "out_proj.weight": part["backbone.mid_split.post_proj.proj.weight"],
         "time.fourier": part["time_emb.weight"],
         "time.in_proj.weight": part["time_in_proj.weight"],
         "time.in_norm.weight": part["mapping.in_norm.scale"],
@@ -224,7 +221,13 @@ def tokenizer_from_official(
         f"encoder.frozen.{k}": v
         for k, v in convert_official_dinov2(target, shell.encoder.frozen).items()
     }
-    state |= {f"decoder.{k}": v for k, v in decoder_state(part, dec_cfg).items()}
+    try:
+        dec_state = decoder_state(part, dec_cfg)
+    except KeyError as e:
+        raise OfficialCheckpointError(
+            f"official checkpoint lacks {FIRST_STAGE}{e.args[0]} (decoder of {dec_cfg.depth} layers)"
+        ) from None
+    state |= {f"decoder.{k}": v for k, v in dec_state.items()}
     state |= {f"latent_space.vae.{k}": v for k, v in vae_sd.items()}
     _check_complete(shell, state, "tokenizer")
     return OfficialTokenizer(cfg, state, vae_cfg)
