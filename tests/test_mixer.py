@@ -1,6 +1,7 @@
 """The class-conditional mixer as the official RepTok MLPMixer1D: its parts, its conventions,
 the official key mapping, and the fused token-mixing kernel (CUDA only)."""
 
+import json
 import math
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from reptok_core import flow
 from reptok_core import fused_token_mix as ftm
 from reptok_core.generator_task import sample_tokens
 from reptok_core.layers import MLP, SinusoidalTimeEmbedding
@@ -163,19 +165,25 @@ def test_imported_official_mixer_matches_the_official_code():
         v_c, v_u = -ema(x, 1 - s, y), -ema(x, 1 - s, null)
     assert rel_err(v_u, io["mix.v_uncond_ema"][:, 0]) < 1e-4
     assert rel_err(v_u + 1.5 * (v_c - v_u), io["mix.v_cfg_ema"][:, 0]) < 1e-4
-    # 10 Euler steps with CFG 1.5 on the paper's interval [0.3, 0.9] (boundaries on the grid),
+    # 10 and 50 Euler steps with CFG 1.5 on the paper's interval [0.3, 0.9] (at 10 steps both
+    # bounds are grid points; at 50, float32 linspace puts s_15 just below 0.3: not guided),
     # tokens scaled by the official scalar: denormalised = what their decode() feeds the decoder.
-    tokens = sample_tokens(
-        ema,
-        TokenNormalizer.scalar(net["channels"], scale_factor),
-        labels=io["gen.y"],
-        scale=1.5,
-        interval=(0.3, 0.9),
-        steps=10,
-        noise=io["gen.noise"][:, 0],
-    )
-    assert rel_err(tokens, io["gen.tokens_10_unscaled"]) < 1e-4
-    assert rel_err(tokens / scale_factor, io["gen.tokens_10"][:, 0]) < 1e-4
+    for steps in (10, 50):
+        tokens = sample_tokens(
+            ema,
+            TokenNormalizer.scalar(net["channels"], scale_factor),
+            labels=io["gen.y"],
+            scale=1.5,
+            interval=(0.3, 0.9),
+            steps=steps,
+            noise=io["gen.noise"][:, 0],
+        )
+        assert rel_err(tokens / scale_factor, io[f"gen.tokens_{steps}"][:, 0]) < 1e-4, steps
+        if steps == 10:
+            assert rel_err(tokens, io["gen.tokens_10_unscaled"]) < 1e-4
+    conventions = json.loads((OFFICIAL / "official.json").read_text())["conventions"]
+    mask = conventions["cfg_guided_mask_50"]
+    assert flow.Guidance(None, 1.5, (0.3, 0.9)).guided(50)[:50] == mask
 
 
 def test_scalar_token_normalizer_is_the_official_division():
