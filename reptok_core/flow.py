@@ -25,7 +25,8 @@ Classifier-free guidance (`Guidance`)
     Both bounds are inclusive. Step i (grid point t_i = 1 - s_i) is guided iff scale != 1 and
     float32(lo) <= s_i <= float32(hi) with s_i = linspace(0, 1, steps + 1)[i] in float32: the
     official sampler's own grid and comparison (`FlowModel.generate_with_cfg_interval`), so the
-    boundary steps are decided the same way. Outside the interval, and at scale 1, the
+    boundary steps are decided the same way (at 50 steps float32 puts s_15 just below 0.3:
+    steps 16..45 are guided, 30 of 50). Outside the interval, and at scale 1, the
     CONDITIONAL velocity alone is used (as there: cfg_scale 1 with the real labels).
 
 Token scaling (what the generators model; reptok_core/token_stats.TokenNormalizer)
