@@ -27,8 +27,11 @@ import torch
 
 from reptok_core.decoder import DecoderConfig, axial_rope_angles
 from reptok_core.encoder import EncoderConfig, convert_official_dinov2
+from reptok_core.generator_task import GeneratorConfig
 from reptok_core.latent_space import SD_VAE_FT_MSE, LatentSpaceConfig, SDVAESpace
+from reptok_core.mixer import mixer_from_official
 from reptok_core.official_checkpoint import OfficialCheckpointError
+from reptok_core.token_stats import TokenNormalizer
 from reptok_core.tokenizer import Tokenizer, TokenizerConfig
 
 FIRST_STAGE = "first_stage.decoder.decoder."
@@ -243,3 +246,49 @@ def _check_complete(model: torch.nn.Module, state: dict[str, torch.Tensor], what
             f"official {what} does not map onto this project's model: missing {missing[:5]}, "
             f"unexpected {extra[:5]}, shape mismatches {shapes[:5]}"
         )
+
+
+@dataclass
+class OfficialGenerator:
+    config: GeneratorConfig
+    state: dict[str, torch.Tensor]  # MixerGenerator keys
+    normalizer: TokenNormalizer
+
+
+def _param(hparams: dict, *path: str):
+    node = hparams
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            raise OfficialCheckpointError(f"hyper_parameters lack {'.'.join(path)}")
+        node = node[key]
+    return node
+
+
+def first_stage_params(hparams: dict) -> dict:
+    """`first_stage_cfg.params` of the release: image_size and the token `scale_factor`."""
+    return _param(hparams, "first_stage_cfg", "params")
+
+
+def generator_from_official(
+    sd: dict[str, torch.Tensor], hparams: dict, ema: bool = True
+) -> OfficialGenerator:
+    """The official class-conditional MLP-Mixer (EMA weights by default) as this project's
+    generator, with the official scalar token scaling and the paper's CFG (1.5 on [0.3, 0.9]
+    in the generator's time; reptok_core/flow.py)."""
+    prefix = "ema_model.net." if ema else "model.net."
+    net = _take(sd, prefix)
+    if not net:
+        raise OfficialCheckpointError(f"no generator weights ({prefix}*) in the checkpoint")
+    net_params = _param(hparams, "flow_cfg", "params", "net_cfg", "params")
+    model = mixer_from_official(
+        net, int(net_params["num_classes"]), float(net_params.get("class_dropout_prob", 0.1))
+    )
+    scale = float(first_stage_params(hparams)["scale_factor"])
+    cfg = GeneratorConfig(kind="class", mixer=model.cfg, token_scale=scale)
+    sampler = _param(hparams, "flow_cfg", "params").get("timestep_sampler") or {}
+    if sampler.get("target", "").endswith("LogitNormalSampler"):
+        p = sampler.get("params", {})
+        cfg.flow.t_sampler = "logit_normal"
+        cfg.flow.t_mean, cfg.flow.t_std = float(p.get("loc", 0.0)), float(p.get("scale", 1.0))
+    normalizer = TokenNormalizer.scalar(model.cfg.token_dim, scale)
+    return OfficialGenerator(cfg, model.state_dict(), normalizer)
