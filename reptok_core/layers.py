@@ -1,5 +1,6 @@
-"""Building blocks shared by the decoder and the generators: time embeddings, 2-D RoPE,
-q/k-normalised attention, and the MLP."""
+"""Building blocks of the generators (the decoder's official layers live in decoder.py): the
+DiT time embedding, q/k-normalised self- and cross-attention, the exact-GELU MLP, and regional
+compilation."""
 
 from __future__ import annotations
 
@@ -35,37 +36,6 @@ class SinusoidalTimeEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.features(t).to(self.mlp[0].weight.dtype))
-
-
-def rope_2d(
-    grid: int, head_dim: int, n_prefix: int, base: float = 100.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Axial 2-D rotary tables (cos, sin) of shape (n_prefix + grid², head_dim).
-
-    Half of each head's channels rotate with the row index and half with the column index.
-    Prefix tokens (the in-context image token) get the identity rotation: they have no
-    position on the patch grid.
-    """
-    if head_dim % 4:
-        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
-    quarter = head_dim // 4
-    inv_freq = 1.0 / (base ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    ang_y = ys.flatten()[:, None].double() * inv_freq[None]
-    ang_x = xs.flatten()[:, None].double() * inv_freq[None]
-    ang = torch.cat([ang_y, ang_y, ang_x, ang_x], dim=-1)  # pairs (i, i + quarter) per axis
-    ang = torch.cat([torch.zeros(n_prefix, head_dim, dtype=torch.float64), ang], dim=0)
-    return ang.cos().float(), ang.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (..., Dh) with tables broadcastable to it, e.g. x (B, H, N, Dh) and tables (N, Dh),
-    or x (B, N, H, Dh) and tables (N, 1, Dh). Rotates channel pairs (i, i + Dh/4) within each
-    axial half."""
-    q = x.shape[-1] // 4
-    a1, a2, b1, b2 = x.split(q, dim=-1)
-    rotated = torch.cat([-a2, a1, -b2, b1], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -113,17 +83,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        # Norm and rotate in the (B, N, H, Dh) layout the projection writes (contiguous, fast);
-        # SDPA takes (B, H, N, Dh) views of it and returns its output in the same layout.
+        # Norm in the (B, N, H, Dh) layout the projection writes (contiguous, fast); SDPA takes
+        # (B, H, N, Dh) views of it and returns its output in the same layout.
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            cos, sin = rope[0][:, None], rope[1][:, None]  # (N, 1, Dh)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -163,10 +128,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def compile_blocks(blocks) -> None:
