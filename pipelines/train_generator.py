@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from pipelines import common, ray_trainer, token_data, train_loop  # noqa: E402
+from pipelines import common, model_uri, ray_trainer, token_data, train_loop  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
 from reptok_core.generator_task import GeneratorConfig  # noqa: E402
 from reptok_core.training import OptimConfig  # noqa: E402
@@ -75,6 +75,12 @@ class TrainGeneratorConfig:
     loop: train_loop.LoopConfig = section(train_loop.LoopConfig, "training loop")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule, clipping, EMA")
     run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
+    init_from: str = opt(
+        "",
+        "fine-tune an exported generator (folder, s3://, models:/NAME@ALIAS, builtin:NAME, or an "
+        "imported official checkpoint): its model and token normalisation, with this config's "
+        "model.flow / cfg_scale / cfg_interval; '' trains model.* from scratch",
+    )
 
 
 def fit_to_tokens(
@@ -100,6 +106,21 @@ def fit_to_tokens(
         m.text.token_dim, m.text.text_dim = manifest["dim"], captions["dim"]
     else:
         raise SystemExit(f"error: model.kind={m.kind!r}; expected 'class' or 'text'")
+
+
+def check_fits_tokens(cfg: TrainGeneratorConfig, manifest: dict[str, Any], init: Any) -> None:
+    """A generator to fine-tune must already fit the tokens: same width, enough classes."""
+    model = cfg.model.mixer if cfg.model.kind == "class" else cfg.model.text
+    if model.token_dim != manifest["dim"]:
+        raise SystemExit(
+            f"error: init_from={cfg.init_from!r} generates {model.token_dim}-dim tokens but "
+            f"{cfg.data.train!r} holds {manifest['dim']}-dim tokens"
+        )
+    if cfg.model.kind == "class" and manifest["num_classes"] > cfg.model.mixer.num_classes:
+        raise SystemExit(
+            f"error: the tokens have labels up to {manifest['num_classes'] - 1} but "
+            f"init_from={cfg.init_from!r} knows {cfg.model.mixer.num_classes} classes"
+        )
 
 
 def batch_arrays(
@@ -174,7 +195,15 @@ def main(argv: list[str] | None = None) -> str:
     cache = token_data.read_caption_cache(cfg.data.train) if cfg.model.kind == "text" else None
     captions = cache[0] if cache else None  # the driver keeps the names, workers the states
     del cache
-    fit_to_tokens(cfg, manifest, captions)
+    init = None
+    if cfg.init_from:
+        from reptok_core.generator_task import finetune_generator_config, load_generator
+
+        init = load_generator(model_uri.resolve(cfg.init_from, common.mlflow_uri(cfg.run)).folder)
+        cfg.model = finetune_generator_config(cfg.model, init.cfg)
+        check_fits_tokens(cfg, manifest, init)
+    else:
+        fit_to_tokens(cfg, manifest, captions)
     caption_list = captions["captions"] if captions else None
     tokenizer = cfg.data.tokenizer or manifest["tokenizer"]
     check_fid(cfg, tokenizer)
@@ -195,6 +224,14 @@ def main(argv: list[str] | None = None) -> str:
     eval_batch.pop("token_flip", None)
     out_uri = common.export_uri(cfg.run)
     run_dir = common.run_dir(cfg.run)
+    # A fine-tuned generator keeps the normalisation its weights were trained with.
+    normalizer = (
+        init.normalizer
+        if init is not None
+        else token_data.normalizer_from_manifest(manifest, cfg.model.token_scale)
+    )
+    init_folder = cfg.init_from
+    del init
     encode_cfg = manifest.get("config", {}).get("encode", {})
     lineage = {
         "mlflow_run_id": run_id,
@@ -211,7 +248,7 @@ def main(argv: list[str] | None = None) -> str:
         from pipelines.encode_latents import resolve_export
         from pipelines.token_stream import TokenStream
         from reptok_core.distributed import world
-        from reptok_core.generator_task import GeneratorTask
+        from reptok_core.generator_task import GeneratorTask, load_generator
         from reptok_core.tokenizer_task import EXPORT_CONFIG, load_tokenizer
 
         # Every worker reads the tokens and caption states itself: no copy rides in the closure.
@@ -234,21 +271,25 @@ def main(argv: list[str] | None = None) -> str:
         fid = None
         if cfg.eval.fid_samples:
             fid = training_fid(cfg, manifest["num_classes"], decoder, device)
+        init_state = None
+        if init_folder:  # resolved here: a registry download on the driver is not on this node
+            folder = model_uri.resolve(init_folder, tracking_uri).folder
+            init_state = load_generator(folder).model.state_dict()
         return GeneratorTask(
             cfg.model,
-            token_data.normalizer_from_manifest(manifest, cfg.model.token_scale),
+            normalizer,
             device,
             data=data,
             stream=stream,
             captions=(cache[1].float(), cache[2]) if cache else None,
             decoder=decoder,
             fid=fid,
+            init_state=init_state,
         )
 
     def train_fn(_: dict) -> None:
         from reptok_core.generator_task import export_generator
 
-        normalizer = token_data.normalizer_from_manifest(manifest, cfg.model.token_scale)
         train_loop.run(
             task_factory,
             cfg.loop,

@@ -17,6 +17,7 @@ Public API used by Serve and evaluation:
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,17 @@ def batches_per_rank(rows: int, batch_size: int, world_size: int) -> int:
     return count
 
 
+def finetune_generator_config(
+    requested: GeneratorConfig, exported: GeneratorConfig
+) -> GeneratorConfig:
+    """Fine-tuning an export: its model (kind, sizes, token scaling), with the requested
+    training and sampling choices (the flow's t, CFG scale and interval)."""
+    cfg = copy.deepcopy(exported)
+    cfg.flow = copy.deepcopy(requested.flow)
+    cfg.cfg_scale, cfg.cfg_interval = requested.cfg_scale, list(requested.cfg_interval)
+    return cfg
+
+
 class GeneratorTask:
     """Model + normaliser + the training set (in memory or streamed), optionally a decoder for
     grids and a gFID at evaluations.
@@ -194,6 +206,7 @@ class GeneratorTask:
         captions: tuple[torch.Tensor, torch.Tensor] | None = None,
         decoder: Any = None,
         fid: TrainingFid | None = None,
+        init_state: dict[str, torch.Tensor] | None = None,
     ):
         if cfg.kind == "text" and captions is None:
             raise ValueError("a text generator needs the caption cache (captions=(states, mask))")
@@ -201,7 +214,10 @@ class GeneratorTask:
             raise ValueError("gFID needs a class-conditional generator and a decoder")
         self.cfg = cfg
         self.device = device
-        self.model = build_model(cfg).to(device)
+        self.model = build_model(cfg)
+        if init_state is not None:  # fine-tuning an export (finetune_generator_config)
+            self.model.load_state_dict(init_state)
+        self.model.to(device)
         self.normalizer = normalizer.to(device)
         self.data = data
         self.stream = stream

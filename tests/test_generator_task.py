@@ -121,3 +121,32 @@ def test_text_generator_trains_on_emoji_captions_with_minilm(tmp_path):
     z = sample_tokens(gen.model, gen.normalizer, text=encoder(["grinning face"]), scale=1.5)
     ref = sample_tokens(task.model.eval(), norm, text=encoder(["grinning face"]), scale=1.5)
     assert torch.allclose(z, ref, atol=1e-5)
+
+
+def test_finetuning_starts_from_an_export_with_its_normaliser(tmp_path):
+    from reptok_core.generator_task import finetune_generator_config
+
+    tokens, labels, _ = _toy()
+    cfg = generator_preset("tiny")
+    cfg.mixer.token_dim, cfg.token_scale = 8, 2.5
+    torch.manual_seed(3)
+    trained = GeneratorTask(cfg, TokenNormalizer.scalar(8, 2.5), torch.device("cpu"))
+    export_generator(trained.model.state_dict(), cfg, trained.normalizer, str(tmp_path))
+    init = load_generator(str(tmp_path))
+    requested = generator_preset("paper")  # only its training / sampling choices may apply
+    requested.cfg_scale, requested.cfg_interval = 3.0, [0.2, 0.8]
+    requested.flow.t_sampler = "uniform"
+    ft = finetune_generator_config(requested, init.cfg)
+    assert ft.mixer == cfg.mixer and ft.token_scale == 2.5
+    assert (ft.cfg_scale, ft.cfg_interval, ft.flow.t_sampler) == (3.0, [0.2, 0.8], "uniform")
+    task = GeneratorTask(
+        ft,
+        init.normalizer,
+        torch.device("cpu"),
+        data={"token": tokens, "label": labels},
+        init_state=init.model.state_dict(),
+    )
+    for k, v in trained.model.state_dict().items():
+        assert torch.equal(task.model.state_dict()[k], v), k
+    assert torch.equal(task.normalizer.std, torch.full((8,), 2.5))
+    assert _fit(task, 5, 1e-3)[-1] > 0  # and it trains from there
