@@ -139,20 +139,20 @@ def canvas_positions(grid: int) -> torch.Tensor:
 
 
 def axial_rope_angles(positions: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """(heads, N, head_dim / 4) rotation angles: per head, head_dim / 8 frequencies for y then
+    """(N, heads, head_dim / 4) rotation angles: per head, head_dim / 8 frequencies for y then
     as many for x. The frequencies are log-spaced from π to 10π over heads × head_dim / 8
     values and dealt out round-robin across heads, so each head sees a different subset."""
     per_axis = head_dim // 8
     log_f = torch.linspace(math.log(math.pi), math.log(10 * math.pi), heads * per_axis + 1)
     freqs = log_f[:-1].exp().double().view(per_axis, heads).T  # (heads, per_axis)
-    ang_y = positions[None, :, 0:1] * freqs[:, None, :]
-    ang_x = positions[None, :, 1:2] * freqs[:, None, :]
+    ang_y = positions[:, None, 0:1] * freqs[None]
+    ang_x = positions[:, None, 1:2] * freqs[None]
     return torch.cat([ang_y, ang_x], dim=-1)
 
 
 def apply_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + r) for i < r, r = cos.shape[-1] (head_dim / 4); the second
-    half of each head's channels passes through. x (B, H, N, Dh); tables (H, N, r), fp32."""
+    half of each head's channels passes through. x (B, N, H, Dh); tables (N, H, r), fp32."""
     r = cos.shape[-1]
     x1, x2, rest = x[..., :r].float(), x[..., r : 2 * r].float(), x[..., 2 * r :]
     y1 = x1 * cos - x2 * sin
@@ -161,8 +161,8 @@ def apply_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 def cosine_qk(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor):
-    """q, k (B, H, N, Dh) scaled to norm sqrt(scale[h]) each, so q·k = scale · cos(q, k)."""
-    s = scale.float().sqrt()[:, None, None]
+    """q, k (B, N, H, Dh) scaled to norm sqrt(scale[h]) each, so q·k = scale · cos(q, k)."""
+    s = scale.float().sqrt()[:, None]
     q_f = q.float() * (s * torch.rsqrt(q.float().pow(2).sum(-1, keepdim=True) + EPS))
     k_f = k.float() * (s * torch.rsqrt(k.float().pow(2).sum(-1, keepdim=True) + EPS))
     return q_f.to(q.dtype), k_f.to(k.dtype)
@@ -186,11 +186,16 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         b, n, w = x.shape
+        # Normalise and rotate q, k in the (B, N, H, Dh) layout the projection writes: the
+        # head-dim reductions then read contiguous rows (in the (B, H, N, Dh) view the fused
+        # kernels ran ~4x slower on an H200, benchmarks/NOTES.md); SDPA takes transposed views.
         qkv = self.qkv(self.attn_norm(x, c)).view(b, n, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.unbind(2)
         q, k = cosine_qk(q, k, self.scale)
         q, k = apply_half_rope(q, *rope), apply_half_rope(k, *rope)
-        a = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0
+        )
         x = x + self.out(a.transpose(1, 2).reshape(b, n, w))
         return x + self.ff(self.ff_norm(x, c))
 

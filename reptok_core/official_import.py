@@ -160,7 +160,7 @@ def _check_rope(freqs: torch.Tensor | None, cfg: DecoderConfig, layer: int) -> N
         return
     heads = cfg.width // cfg.head_dim
     unit = torch.tensor([[1.0, 0.0]], dtype=torch.float64)  # angle = frequency at y = 1
-    ours = axial_rope_angles(unit, heads, cfg.head_dim)[:, 0, : cfg.head_dim // 8]
+    ours = axial_rope_angles(unit, heads, cfg.head_dim)[0, :, : cfg.head_dim // 8]
     if freqs.shape != (2, *ours.shape) or not torch.allclose(
         freqs.double(), ours.expand(2, -1, -1), rtol=1e-5
     ):

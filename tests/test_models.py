@@ -56,20 +56,20 @@ def test_rope_scores_depend_only_on_relative_canvas_offset():
     q, k = torch.randn(16), torch.randn(16)
 
     def score(i: int, j: int, head: int = 1) -> float:
-        qi = apply_half_rope(q.view(1, 1, 1, 16).expand(1, 2, 17, 16), cos, sin)[0, head, i]
-        kj = apply_half_rope(k.view(1, 1, 1, 16).expand(1, 2, 17, 16), cos, sin)[0, head, j]
+        qi = apply_half_rope(q.view(1, 1, 1, 16).expand(1, 17, 2, 16), cos, sin)[0, i, head]
+        kj = apply_half_rope(k.view(1, 1, 1, 16).expand(1, 17, 2, 16), cos, sin)[0, j, head]
         return float(qi @ kj)
 
     # patch (r, c) is token 1 + 4r + c; (0,0)->(1,1) and (2,2)->(3,3) have the same offset
     assert abs(score(1, 6) - score(11, 16)) < 1e-4
     assert abs(score(1, 6) - score(1, 7)) > 1e-4
     assert torch.equal(pos[0], torch.zeros(2, dtype=pos.dtype))  # the token: no rotation
-    assert torch.equal(cos[:, 0], torch.ones(2, 4)) and torch.equal(sin[:, 0], torch.zeros(2, 4))
+    assert torch.equal(cos[0], torch.ones(2, 4)) and torch.equal(sin[0], torch.zeros(2, 4))
     # half of each head's channels rotate; the rest pass through unchanged
-    rotated = apply_half_rope(q.view(1, 1, 1, 16).expand(1, 2, 17, 16), cos, sin)
-    assert torch.equal(rotated[..., 8:], q[8:].expand(1, 2, 17, 8))
+    rotated = apply_half_rope(q.view(1, 1, 1, 16).expand(1, 17, 2, 16), cos, sin)
+    assert torch.equal(rotated[..., 8:], q[8:].expand(1, 17, 2, 8))
     # heads get different frequencies (dealt out round-robin from one log-spaced range)
-    assert not torch.allclose(angles[0], angles[1])
+    assert not torch.allclose(angles[:, 0], angles[:, 1])
 
 
 def test_tokenizer_loss_decode_reconstruct_interpolate():
