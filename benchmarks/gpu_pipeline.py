@@ -36,6 +36,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import statistics
@@ -72,12 +73,16 @@ class Pipeline:
             PYTHONUNBUFFERED="1",
             PYTHONPATH=":".join(paths),
             MLFLOW_TRACKING_URI=f"sqlite:///{self.runs}/mlflow.db",
-            # Ray 2.60's `ray start --head` turns token authentication on; a driver that joins
-            # through RAY_ADDRESS must say so too (the token is ~/.ray/auth_token).
+            # Ray 2.60's `ray start --head` turns token authentication on only when it finds a
+            # token (~/.ray/auth_token), and a driver joining through RAY_ADDRESS does not
+            # turn it on by itself: give the head and every driver the same token explicitly.
             RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=os.path.join(self.work, "ray_auth_token"),
             RAY_DEDUP_LOGS="0",
         )
         self.summary: dict = {"tiny": self.tiny, "steps": [], "figures": {}}
+        with open(self.env["RAY_AUTH_TOKEN_PATH"], "w") as f:
+            f.write(secrets.token_hex(32))
 
     # -- bookkeeping
 
