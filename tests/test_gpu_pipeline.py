@@ -28,6 +28,11 @@ def test_steady_rate_skips_the_compiling_windows():
     assert gp.steady_rate("no progress lines") is None
 
 
+def test_best_rate_is_the_fastest_window_after_compilation():
+    assert gp.best_rate(TRAIN_LOG, skip=1) == 31000.0
+    assert gp.best_rate("") is None
+
+
 def test_grep_reads_the_step_mode_and_graph_replays():
     assert gp.grep(TRAIN_LOG, r"precision \w+, step ([^\n]+)") == "captured as a CUDA graph"
     assert gp.grep(TRAIN_LOG, r"CUDA graph: ([^\n]+)") == "57 of 60 steps replayed"
