@@ -332,10 +332,47 @@ class Pipeline:
             if self.step("bare_graph_step", cmd, 60):
                 self.figure("bare_stage2_samples_s", bench_value(bare, "samples_per_s"))
 
+        self.paper_serve("models:/reptok-tokenizer@current", "models:/reptok-generator@current")
+
+    def serve_only(self) -> None:
+        """The `paper` Serve measurement alone, on random-weight exports made here."""
+        tok, gen = self.random_exports(self.random_vae())
+        self.paper_serve(tok, gen)
+
+    def random_exports(self, vae: str) -> tuple[str, str]:
+        """`paper` tokenizer and class generator exports with random weights (timing only)."""
+        import dataclasses
+
+        import torch
+
+        from reptok_core.generator_task import build_model, export_generator, generator_preset
+        from reptok_core.token_stats import TokenNormalizer
+        from reptok_core.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
+        from reptok_core.tokenizer_task import export_tokenizer
+
+        cfg = tokenizer_tiny() if self.tiny else tokenizer_paper()
+        cfg.encoder = dataclasses.replace(cfg.encoder, weights="random")
+        cfg.latent.kind, cfg.latent.vae = "sd-vae", vae
+        if self.tiny:
+            cfg.image_size = 16
+            cfg.decoder = dataclasses.replace(cfg.decoder, in_channels=4, input_size=8)
+        torch.manual_seed(0)
+        tok = Tokenizer(cfg)
+        tok_uri = os.path.join(self.work, "random-exports", "tokenizer")
+        export_tokenizer(tok.state_dict(), cfg, tok_uri)
+        gcfg = generator_preset("tiny" if self.tiny else "paper")
+        gcfg.mixer = dataclasses.replace(gcfg.mixer, token_dim=tok.token_dim)
+        gen_uri = os.path.join(self.work, "random-exports", "generator")
+        norm = TokenNormalizer.identity(tok.token_dim)
+        export_generator(build_model(gcfg).state_dict(), gcfg, norm, gen_uri)
+        return tok_uri, gen_uri
+
+    def paper_serve(self, tokenizer: str, generator: str) -> None:
+        tiny = self.tiny
         serve = ["--config", f"{ROOT}/configs/serve/paper.yaml", "model.reload_poll_s=0",
-                 "model.tokenizer=models:/reptok-tokenizer@current",
-                 "model.generator=models:/reptok-generator@current", "http.host=127.0.0.1",
-                 "scaling.max_replicas=1", "scaling.ingress_replicas=1"]  # fmt: skip
+                 f"model.tokenizer={tokenizer}", f"model.generator={generator}",
+                 "http.host=127.0.0.1", "scaling.max_replicas=1",
+                 "scaling.ingress_replicas=1"]  # fmt: skip
         if tiny:
             serve += ["scaling.use_gpu=false", "scaling.model_cpus=1", "model.warmup_steps=4",
                       "limits.default_steps=4"]  # fmt: skip
@@ -496,7 +533,12 @@ def main() -> None:
     p.add_argument("--data", required=True, help="32-px images Parquet with train/ and val/")
     p.add_argument("--out", required=True, help="where summary.json / .md and logs go")
     p.add_argument("--work", default="/tmp/gpu_pipeline", help="runs, tokens, exports (large)")
-    p.add_argument("--parts", default="small,paper", help="small,paper in that order")
+    p.add_argument(
+        "--parts",
+        default="small,paper",
+        help="small, paper (in that order), or serve_only: the `paper` Serve figures alone, "
+        "on random-weight exports",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU (dry run)")
     p.add_argument("--ray-port", type=int, default=6379, help="port of the Ray head started")
     p.add_argument("--budget-s", type=float, default=560, help="skip steps past this time")
