@@ -159,8 +159,11 @@ class Pipeline:
         import psutil
 
         mine = os.path.join(self.work, "ray")
+        client = "ray.util.client.server --address="  # Ray's client proxy names only the port
+        port = f":{self.args.ray_port} "
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            if proc.pid != os.getpid() and mine in " ".join(proc.info["cmdline"] or []):
+            cmd = " ".join(proc.info["cmdline"] or []) + " "
+            if proc.pid != os.getpid() and (mine in cmd or (client in cmd and port in cmd)):
                 try:
                     proc.kill()
                 except psutil.Error:
