@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,10 @@ class PartEncoder:
         self.encoder = load_encoder(s.tokenizer, tracking_uri, self.device)
         bf16 = s.precision == "bf16" or (s.precision == "auto" and self.device.type == "cuda")
         self.dtype = torch.bfloat16 if bf16 else None
+        # Decoding the stored PNGs is the actor's bottleneck on a GPU (one core: ~560 images/s
+        # at 256 px on an H200 host, a tenth of what the encoder takes; benchmarks/NOTES.md).
+        # Pillow releases the GIL while decoding, so threads over the actor's CPUs scale it.
+        self.decoders = ThreadPoolExecutor(max(1, int(s.cpus_per_actor)))
 
     @torch.no_grad()
     def _encode(self, images: np.ndarray, flip: bool) -> np.ndarray:
@@ -138,7 +143,9 @@ class PartEncoder:
             names = table.column_names
             labels = table.column("label").to_pylist() if "label" in names else [None] * n
             captions = table.column("caption").to_pylist() if "caption" in names else [None] * n
-            images = np.stack([decode_rgb(b) for b in table.column("image").to_pylist()])
+            images = np.stack(
+                list(self.decoders.map(decode_rgb, table.column("image").to_pylist()))
+            )
             tokens = self._encode(images, flip=False)
             flipped = self._encode(images, flip=True) if self.s.flip else None
             ids = table.column("id").to_pylist()

@@ -235,7 +235,8 @@ def run(
     if rank == 0:
         print(
             f"[train] {'resuming at step ' + str(start) if start else 'starting'}; world {world_size}, "
-            f"device {device}, precision {precision}",
+            f"device {device}, precision {precision}, "
+            f"step {'captured as a CUDA graph' if graphed is not None else 'eager'}",
             flush=True,
         )
 
@@ -323,6 +324,8 @@ def run(
                 )
             return
 
+    if rank == 0 and graphed is not None:
+        print(f"[train] CUDA graph: {graphed.replays} of {step - start} steps replayed", flush=True)
     with ema.swapped_in(model):
         full = full_state_dict(model)
     if rank == 0:

@@ -51,6 +51,26 @@ def test_registered_tokenizer_alias_resolves(tmp_path, tiny_tokenizer_export, ca
         encode_latents.resolve_export(str(tmp_path / "nope"), uri, EXPORT_CONFIG)
 
 
+def test_part_encoder_decodes_on_threads_in_row_order(
+    tmp_path, tiny_tokenizer_export, fashion_parquet
+):
+    """The actor decodes a part's PNGs on `cpus_per_actor` threads: tokens and ids must still
+    line up row by row with encoding the images one by one."""
+    s = encode_latents.EncodeSettings(
+        output=str(tmp_path / "tokens"), tokenizer=tiny_tokenizer_export, batch_size=16,
+        cpus_per_actor=4,
+    )  # fmt: skip
+    actor = encode_latents.PartEncoder(s, tracking_uri="")
+    assert actor.decoders._max_workers == 4
+    src = str(fashion_parquet / "train" / "part-0.parquet")
+    out = actor({"input": np.array([src]), "part": np.array(["part-00000-t"])})
+    assert list(out["rows"]) == [112]
+    written = pq.read_table(tmp_path / "tokens" / "part-00000-t.parquet")
+    expected = _direct_tokens(tiny_tokenizer_export, fashion_parquet / "train")
+    for row_id, token in zip(written["id"].to_pylist(), written["token"].to_pylist(), strict=True):
+        np.testing.assert_allclose(token, expected[row_id], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_encode_to_s3_killed_then_rerun(
     ray_cluster, s3_bucket, captioned_parquet, tiny_tokenizer_export, tmp_path
