@@ -57,11 +57,22 @@ class Inference:
         self, g: LoadedGenerator, labels: list[int], scale: float, steps: int, seed: int
     ) -> torch.Tensor:
         """Denormalised tokens (n, D), equal to `sample_tokens(labels=..., seed=seed)`."""
+        return self.class_tokens_of([(labels, seed)], g, scale, steps)[0]
+
+    def class_tokens_of(
+        self, requests: list[tuple[list[int], int]], g: LoadedGenerator, scale: float, steps: int
+    ) -> list[torch.Tensor]:
+        """Several requests' (labels, seed) sampled as one batch: request i's tokens are those
+        of `class_tokens(g, labels_i, scale, steps, seed_i)` (its rows start from its own
+        seeded noise), so concurrent requests share one solve."""
         device = next(g.model.parameters()).device
-        n = len(labels)
+        counts = [len(labels) for labels, _ in requests]
+        n = sum(counts)
         rows = bucket(n, max(self.max_batch, n))
-        y = torch.as_tensor(labels, dtype=torch.long, device=device)
-        noise = seeded_token_noise(n, g.normalizer, seed).to(device)
+        y = torch.as_tensor([v for labels, _ in requests for v in labels], device=device).long()
+        noise = torch.cat(
+            [seeded_token_noise(len(lab), g.normalizer, seed) for lab, seed in requests]
+        ).to(device)
         kw = dict(scale=scale, interval=tuple(g.cfg.cfg_interval), steps=steps)
 
         def run(y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -69,7 +80,7 @@ class Inference:
 
         key = ("class", id(g), scale, steps, kw["interval"])
         y, noise = _padded(y, rows, g.model.null_class), _padded(noise, rows)
-        return self.graphs.run(key, run, y, noise)[:n]
+        return list(self.graphs.run(key, run, y, noise)[:n].split(counts))
 
     def text_tokens(
         self,

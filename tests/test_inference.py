@@ -124,3 +124,14 @@ def test_paired_cfg_forward_equals_two_separate_forwards(models):
     got = sample_tokens(model, g.normalizer, text=(states, mask), scale=3.0, interval=(0.3, 0.9),
                         steps=6, seed=9)  # fmt: skip
     torch.testing.assert_close(got, g.normalizer.denormalize(z), atol=1e-5, rtol=1e-5)
+
+
+def test_concurrent_class_requests_share_one_solve_with_their_own_seeds(models):
+    _, g = models
+    inf = Inference(max_batch=8)
+    requests = [([1, 4], 3), ([7], 9), ([0, 0, 2], 3)]
+    together = inf.class_tokens_of(requests, g, scale=1.5, steps=5)
+    assert [t.shape[0] for t in together] == [2, 1, 3]
+    for (labels, seed), got in zip(requests, together, strict=True):
+        alone = inf.class_tokens(g, labels, scale=1.5, steps=5, seed=seed)
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
