@@ -62,6 +62,7 @@ def _good_images() -> dict[str, bytes]:
         ),
         "dogs/rotated.jpg": _enc(Image.fromarray(_noise(40, 80, 4)), "JPEG", exif=exif),
         "dogs/big.webp": _enc(Image.fromarray(_noise(500, 700, 5)), "WEBP", quality=90),
+        "cats/panorama.png": _enc(Image.fromarray(_noise(40, 160, 12)), "PNG"),  # 4:1 is kept
     }
 
 
@@ -78,11 +79,21 @@ def _bad_images() -> dict[str, tuple[bytes | None, str]]:
         "dogs/broken.png": (bytes(broken), "corrupt"),
         "dogs/bomb.png": (_enc(Image.new("L", (3000, 3000), 9), "PNG"), "too_many_pixels"),
         "dogs/tiny.png": (_enc(Image.fromarray(_noise(8, 8, 8)), "PNG"), "too_small"),
+        # Degenerate shapes, rejected by the default image.min_size / image.max_aspect_ratio.
+        "dogs/dot.png": (_enc(Image.fromarray(_noise(1, 1, 9)), "PNG"), "too_small"),
+        "cats/sliver.png": (
+            _enc(Image.fromarray(_noise(2, 4000, 10)), "PNG"),
+            "extreme_aspect_ratio",
+        ),
+        "cats/banner.png": (
+            _enc(Image.fromarray(_noise(40, 200, 11)), "PNG"),
+            "extreme_aspect_ratio",
+        ),
         "cats/gone.jpg": (None, "unreadable"),
     }
 
 
-BAD_SETTINGS = ["image.max_pixels=1000000", "image.min_size=16"]
+BAD_SETTINGS = ["image.max_pixels=1000000"]  # min_size and max_aspect_ratio: the defaults
 
 
 def write_folder(root: Path) -> tuple[dict[str, bytes], dict[str, str]]:
