@@ -48,6 +48,14 @@ def test_presets_parse_and_help(capsys):
     assert "model.tokenizer" in capsys.readouterr().out
 
 
+def test_build_app_refuses_http_settings_it_cannot_apply():
+    """`serve run ... http.port=8013` used to serve on 8000 without a word."""
+    with pytest.raises(ValueError, match=r"http\.port.*serve start --http-host"):
+        serve_app.build_app({"config": "configs/serve/tiny.yaml", "http.port": "8013"})
+    app = serve_app.build_app({"config": "configs/serve/tiny.yaml", "limits.max_n": "4"})
+    assert app is not None  # the preset's own http section is fine: it is for serve.py
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 
