@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from reptok_core import storage
@@ -29,7 +30,9 @@ class RunSettings:
     mlflow_uri: str = opt(
         "", "MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite under storage"
     )
-    experiment: str = opt("reptok", "MLflow experiment name")
+    experiment: str = opt(
+        "reptok", "MLflow experiment prefix: stage S logs to the experiment '<experiment>-<S>'"
+    )
     register_as: str = opt("", "MLflow registered-model name for the export ('' = do not register)")
     alias: str = opt(
         "current",
@@ -124,6 +127,51 @@ def mlflow_uri(run: RunSettings) -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(run.storage, 'mlflow.db'))}"
 
 
+def artifact_location(run: RunSettings) -> str | None:
+    """Where a new experiment keeps its artifacts: always with the run store the user chose.
+
+    MLflow's own default for a SQLite store is `./mlruns` in the process's working directory,
+    which under `ray job submit --working-dir` is Ray's temporary copy, deleted after the job:
+    registered versions would point at nothing. None = the tracking server's artifact root.
+    """
+    if storage.is_s3(run.storage):
+        return storage.join(run.storage, "mlartifacts")
+    uri = mlflow_uri(run)
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    folder = run.storage
+    if uri.startswith("sqlite:///"):  # next to the database file
+        folder = os.path.dirname(uri.removeprefix("sqlite:///"))
+    return Path(os.path.abspath(folder), "mlartifacts").as_uri()
+
+
+# Tells the MLflow 3 UI this experiment holds training runs, so it opens the runs table and
+# charts instead of the GenAI (traces) view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_id(run: RunSettings, stage: str) -> str:
+    """The stage's experiment ('<run.experiment>-<stage>'), created typed for model training
+    with its artifacts under `artifact_location(run)`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_uri(run))
+    name = f"{run.experiment}-{stage}"
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=artifact_location(run), tags=EXPERIMENT_KIND
+            )
+        except mlflow.exceptions.MlflowException:
+            exp = client.get_experiment_by_name(name)  # a concurrent run created it first
+            if exp is None:
+                raise
+    if exp.tags.get("mlflow.experimentKind") is None:
+        client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return exp.experiment_id
+
+
 def start_or_resume_mlflow_run(
     run: RunSettings, cfg: Any, stage: str, tags: dict[str, str] | None = None
 ) -> str:
@@ -131,8 +179,7 @@ def start_or_resume_mlflow_run(
     import mlflow
 
     client = mlflow.MlflowClient(mlflow_uri(run))
-    exp = client.get_experiment_by_name(run.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(run.experiment)
+    exp_id = experiment_id(run, stage)
     key = run_dir(run)
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`reptok.run_key` = '{key}'", max_results=1

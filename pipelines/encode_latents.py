@@ -256,6 +256,11 @@ def run_parts(s: EncodeSettings, todo: list[dict], tracking_uri: str, use_gpu: b
         fn_constructor_args=(s, tracking_uri),
         num_gpus=1 if use_gpu else 0,
         num_cpus=s.cpus_per_actor,
+        # Ray Data passes an actor's arguments through the object store, and Ray 2.60 logs an
+        # error-level line for every such actor that may restart. A restart buys nothing here:
+        # finished parts are committed by their markers, so re-running the command after a
+        # lost actor completes exactly the parts still missing.
+        max_restarts=0,
         **_worker_env(),
     )
     t0, images = time.time(), 0

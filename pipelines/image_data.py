@@ -27,13 +27,27 @@ def _parquet_dataset(uri: str) -> pads.Dataset:
     return pads.dataset(paths, filesystem=fs, format="parquet")
 
 
+def labels_or_minus_one(values: np.ndarray | list) -> np.ndarray:
+    """A label column -> int64 with -1 for "no label" (DESIGN §3: `label: int32 null`).
+
+    Arrow hands a partly null int column to numpy as float with NaN, and an all-null column
+    typed `null` as objects holding None; caption-only datasets have nothing but nulls.
+    """
+    values = np.asarray(values)
+    if values.dtype == object:
+        values = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    if values.dtype.kind == "f":
+        values = np.where(np.isnan(values), -1, values)
+    return values.astype(np.int64)
+
+
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """PNG/JPEG bytes -> (B, H, W, 3) uint8, inside Ray Data workers (no PIL objects in blocks)."""
     out: dict[str, np.ndarray] = {"image": np.stack([decode_rgb(b) for b in batch["image"]])}
     if "vae_latent" in batch:
         out["vae_latent"] = np.stack([np.asarray(v, dtype=np.float32) for v in batch["vae_latent"]])
     if "label" in batch:
-        out["label"] = np.asarray([-1 if v is None else v for v in batch["label"]], dtype=np.int64)
+        out["label"] = labels_or_minus_one(batch["label"])
     return out
 
 

@@ -46,6 +46,10 @@ def fit(
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train V2 re-routes `print` in workers through its logger and, since a Ray
+            # worker's sys.stdout is always a replaced stream, also prints it: every progress
+            # line reached the driver twice. Plain print writes it once.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets=datasets,
     )

@@ -24,6 +24,7 @@ REJECT_REASONS = (
     "corrupt",  # recognised, but decoding failed for another reason (bad checksum, bad stream)
     "too_many_pixels",  # above the pixel cap: a decompression bomb or an absurdly large scan
     "too_small",  # shorter side below the configured minimum
+    "extreme_aspect_ratio",  # longer / shorter side above the configured maximum (a sliver)
     "no_image",  # a WebDataset sample or manifest row without an image member / path
     "duplicate_id",  # a second input with an id already taken by an earlier one
 )
@@ -159,16 +160,35 @@ def center_crop_resize(img: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(arr[top : top + size, left : left + size])
 
 
-def prepare_pil(img: Image.Image, resolution: int, min_size: int = 0) -> np.ndarray:
+def check_shape(width: int, height: int, min_size: int = 0, max_aspect: float = 0.0) -> None:
+    """ImageRejected for a shorter side below `min_size` or a longer / shorter side ratio
+    above `max_aspect` (0 = no limit): a 1x1 icon or a 4000x2 sliver would be upsampled or
+    cropped to a square of a few real pixels."""
+    if max_aspect > 0 and max(width, height) > max_aspect * min(width, height):
+        ratio = max(width, height) / max(min(width, height), 1)
+        raise ImageRejected(
+            "extreme_aspect_ratio", f"{width}x{height}, aspect ratio {ratio:.1f} > {max_aspect:g}"
+        )
+    if min(width, height) < min_size:
+        raise ImageRejected("too_small", f"{width}x{height}, shorter side below {min_size}")
+
+
+def prepare_pil(
+    img: Image.Image, resolution: int, min_size: int = 0, max_aspect: float = 0.0
+) -> np.ndarray:
     """Upright, RGB, size-checked, cropped: a decoded image -> uint8 (resolution, resolution, 3)."""
-    if min(img.size) < min_size:
-        raise ImageRejected("too_small", f"{img.width}x{img.height}, shorter side below {min_size}")
+    check_shape(img.width, img.height, min_size, max_aspect)
     img = to_rgb(exif_upright(img))
     return center_crop_resize(img, resolution)
 
 
 def prepare_bytes(
-    data: bytes, resolution: int, *, min_size: int = 0, max_pixels: int = 89_478_485
+    data: bytes,
+    resolution: int,
+    *,
+    min_size: int = 0,
+    max_aspect: float = 0.0,
+    max_pixels: int = 89_478_485,
 ) -> np.ndarray:
     """Encoded file bytes -> uint8 (resolution, resolution, 3), or ImageRejected with a reason.
 
@@ -176,18 +196,20 @@ def prepare_bytes(
     """
     img = open_image(data, max_pixels)
     try:
-        return prepare_pil(img, resolution, min_size)
+        return prepare_pil(img, resolution, min_size, max_aspect)
     except ImageRejected:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. a palette that does not convert
         raise ImageRejected("corrupt", f"{type(e).__name__}: {e}") from None
 
 
-def prepare_array(pixels: np.ndarray, resolution: int, *, min_size: int = 0) -> np.ndarray:
+def prepare_array(
+    pixels: np.ndarray, resolution: int, *, min_size: int = 0, max_aspect: float = 0.0
+) -> np.ndarray:
     """In-memory uint8 pixels (HxW grey, HxWx3 RGB, HxWx4 RGBA) -> uint8 (res, res, 3)."""
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
         raise ValueError(f"expected uint8 HxW[xC] pixels, got {pixels.dtype} {pixels.shape}")
-    return prepare_pil(Image.fromarray(pixels), resolution, min_size)
+    return prepare_pil(Image.fromarray(pixels), resolution, min_size, max_aspect)
 
 
 def encode_image(

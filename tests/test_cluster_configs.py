@@ -3,7 +3,9 @@ arguments load into the scripts' config dataclasses, images carry the pinned Ray
 
 from __future__ import annotations
 
+import gzip
 import importlib
+import json
 import re
 import shlex
 from pathlib import Path
@@ -153,7 +155,7 @@ def test_rayservice_matches_serve_app():
     module, attr = app["import_path"].split(":")
     assert module == "pipelines.serve" and callable(getattr(serve_app, attr))
     args = dict(app["args"])
-    preset = ROOT / args.pop("config")
+    preset = _local(args.pop("config"))
     assert preset.is_file()
     cfg = load_config(serve_app.ServeConfig, preset, [f"{k}={v}" for k, v in args.items()])
     assert cfg.model.tokenizer.startswith("models:/")
@@ -169,3 +171,114 @@ def test_serve_presets_are_valid():
     for preset in sorted((ROOT / "configs" / "serve").glob("*.yaml")):
         assert read_yaml(preset)
         load_config(serve_app.ServeConfig, preset)
+
+
+# ------------------------------------------------------------------ what KubeRay and Ray check
+
+
+def test_rayservice_serve_config_passes_rays_own_schema():
+    """KubeRay PUTs serveConfigV2 to the dashboard's /api/serve/applications/, which applies
+    Ray's ServeDeploySchema: a local working_dir there fails the deployment."""
+    from ray.serve.schema import ServeDeploySchema
+
+    (svc,) = _docs(CLUSTER / "kuberay" / "rayservice.yaml")
+    ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    bad = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    bad["applications"][0]["runtime_env"] = {"working_dir": "/app"}
+    with pytest.raises(ValueError, match="remote URIs"):
+        ServeDeploySchema.model_validate(bad)
+
+
+CRDS = ROOT / "tests" / "data" / "kuberay-crds"
+
+
+def _strict(schema):
+    """kubectl's strict field validation: a field the CRD does not define is an error."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_validator(version: str, kind: str):
+    import jsonschema
+
+    schema = json.loads(gzip.decompress((CRDS / version / f"{kind}.json.gz").read_bytes()))
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+KUBERAY_DOCS = [
+    (p, d)
+    for p in sorted((CLUSTER / "kuberay").glob("*.yaml"))
+    for d in _docs(p)
+    if d["apiVersion"] == "ray.io/v1"
+]
+
+
+@pytest.mark.parametrize("version", sorted(p.name for p in CRDS.iterdir() if p.is_dir()))
+def test_manifests_validate_against_kuberay_crds(version):
+    assert len(KUBERAY_DOCS) == 7
+    for path, doc in KUBERAY_DOCS:
+        errors = list(_crd_validator(version, doc["kind"]).iter_errors(doc))
+        where = [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in errors]
+        assert not where, (path.name, version, where[:5])
+    # The check itself bites: a misspelt field is refused.
+    path, doc = next((p, d) for p, d in KUBERAY_DOCS if d["kind"] == "RayCluster")
+    typo = json.loads(json.dumps(doc))
+    typo["spec"]["workerGroupSpecs"][0]["replica"] = 1
+    assert list(_crd_validator(version, "RayCluster").iter_errors(typo))
+
+
+def test_service_names_in_docs_are_the_ones_kuberay_creates():
+    """KubeRay names a RayService's Services `<name>-serve-svc` and `<name>-head-svc`, and a
+    RayCluster's head Service `<name>-head-svc`."""
+    names = set()
+    for _, doc in KUBERAY_DOCS:
+        if doc["kind"] == "RayService":
+            names |= {f"{doc['metadata']['name']}-serve-svc", f"{doc['metadata']['name']}-head-svc"}
+        elif doc["kind"] == "RayCluster":
+            names.add(f"{doc['metadata']['name']}-head-svc")
+    texts = [ROOT / "README.md", CLUSTER / "README.md", *sorted(CLUSTER.rglob("*.yaml"))]
+    mentioned = {m for p in texts for m in re.findall(r"svc/([\w-]+)", p.read_text())}
+    assert mentioned and mentioned <= names, mentioned - names
+    assert "reptok-serve-serve-svc" in mentioned
+
+
+def test_every_configured_env_var_is_read_by_something():
+    env = {d["kind"]: d for d in _docs(CLUSTER / "kuberay" / "env.yaml")}
+    keys = set(env["ConfigMap"]["data"]) | set(env["Secret"]["stringData"])
+    code = "\n".join(
+        p.read_text() for d in ("pipelines", "reptok_core") for p in (ROOT / d).rglob("*.py")
+    )
+    unread = {k for k in keys if f'"{k}"' not in code}
+    assert not unread, f"{unread}: set in env.yaml, read by nothing"
+
+
+def test_secrets_the_docs_call_optional_are_optional():
+    """cluster/README.md says the S3 Secret may be dropped (IRSA on EKS): pods must start
+    without it, so every reference to it is `optional: true`."""
+    assert "drop it" in (CLUSTER / "README.md").read_text()
+    refs = []
+    for path in sorted((CLUSTER / "kuberay").glob("*.yaml")):
+        for doc in _docs(path):
+            refs += [(path.name, r) for r in _find(doc, "secretRef")]
+    assert len(refs) == 10
+    assert all(r.get("optional") is True for _, r in refs), refs
+
+
+def _find(node, key: str) -> list:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == key] + [
+            x for v in node.values() for x in _find(v, key)
+        ]
+    if isinstance(node, list):
+        return [x for v in node for x in _find(v, key)]
+    return []

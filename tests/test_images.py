@@ -49,6 +49,11 @@ def test_bad_inputs_are_rejected_with_their_reason():
     corrupt[corrupt.find(b"IDAT") + 50] ^= 0xFF  # flips a compressed byte: zlib stream breaks
     assert _reason(bytes(corrupt)) == "corrupt"
     assert _reason(png, min_size=121) == "too_small"
+    sliver = _save(Image.fromarray(_noise(2, 4000)), "PNG")
+    assert _reason(sliver, max_aspect=4.0) == "extreme_aspect_ratio"
+    assert _reason(_save(Image.fromarray(_noise(30, 121)), "PNG"), max_aspect=4.0) == (
+        "extreme_aspect_ratio"
+    )
     # 25 Mpx of one grey level compresses to ~35 KB: a small file that would decode huge.
     bomb = _save(Image.new("L", (5000, 5000), 7), "PNG")
     assert len(bomb) < 100_000
@@ -65,6 +70,20 @@ def test_good_image_at_min_size_is_kept():
     png = _save(Image.fromarray(_noise(120, 160)), "PNG")
     out = prepare_bytes(png, 32, min_size=120)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    wide = _save(Image.fromarray(_noise(30, 120)), "PNG")  # exactly 4:1
+    assert prepare_bytes(wide, 32, max_aspect=4.0).shape == (32, 32, 3)
+
+
+def test_prepare_defaults_refuse_degenerate_shapes():
+    from reptok_core.config import ConfigError, load_config
+    from reptok_core.prepare import PrepareConfig, validate
+
+    cfg = load_config(PrepareConfig)
+    assert cfg.image.min_size >= 8 and 1 < cfg.image.max_aspect_ratio <= 8
+    with pytest.raises(ConfigError, match="max_aspect_ratio"):
+        validate(
+            load_config(PrepareConfig, None, ["source.kind=emoji", "image.max_aspect_ratio=0.5"])
+        )
 
 
 # ------------------------------------------------------------------ modes -> RGB

@@ -62,6 +62,7 @@ def _good_images() -> dict[str, bytes]:
         ),
         "dogs/rotated.jpg": _enc(Image.fromarray(_noise(40, 80, 4)), "JPEG", exif=exif),
         "dogs/big.webp": _enc(Image.fromarray(_noise(500, 700, 5)), "WEBP", quality=90),
+        "cats/panorama.png": _enc(Image.fromarray(_noise(40, 160, 12)), "PNG"),  # 4:1 is kept
     }
 
 
@@ -78,11 +79,21 @@ def _bad_images() -> dict[str, tuple[bytes | None, str]]:
         "dogs/broken.png": (bytes(broken), "corrupt"),
         "dogs/bomb.png": (_enc(Image.new("L", (3000, 3000), 9), "PNG"), "too_many_pixels"),
         "dogs/tiny.png": (_enc(Image.fromarray(_noise(8, 8, 8)), "PNG"), "too_small"),
+        # Degenerate shapes, rejected by the default image.min_size / image.max_aspect_ratio.
+        "dogs/dot.png": (_enc(Image.fromarray(_noise(1, 1, 9)), "PNG"), "too_small"),
+        "cats/sliver.png": (
+            _enc(Image.fromarray(_noise(2, 4000, 10)), "PNG"),
+            "extreme_aspect_ratio",
+        ),
+        "cats/banner.png": (
+            _enc(Image.fromarray(_noise(40, 200, 11)), "PNG"),
+            "extreme_aspect_ratio",
+        ),
         "cats/gone.jpg": (None, "unreadable"),
     }
 
 
-BAD_SETTINGS = ["image.max_pixels=1000000", "image.min_size=16"]
+BAD_SETTINGS = ["image.max_pixels=1000000"]  # min_size and max_aspect_ratio: the defaults
 
 
 def write_folder(root: Path) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -147,7 +158,7 @@ def check_folder_output(output: str, good: dict[str, bytes], bad: dict[str, str]
     m = read_manifest(output)
     assert m["rows"] == len(good) and m["class_names"] == ["cats", "dogs"]
     assert m["rejected"] == len(bad)
-    assert m["rejected_by_reason"] == {r: 1 for r in bad.values()}
+    assert m["rejected_by_reason"] == {r: list(bad.values()).count(r) for r in bad.values()}
     assert m["ignored_files"] == 2  # .DS_Store and readme.txt
 
 
@@ -474,11 +485,12 @@ def test_folder_to_s3_with_bad_inputs_and_rerun(tmp_path, ray_cluster, s3_bucket
         *BAD_SETTINGS,
     ]
     man = pdata.run(cfg_of(*args))
-    assert man["run"]["shards_processed"] == 3
+    shards = -(-(len(good) + len(bad)) // 5)  # every input, good or bad, is in a shard
+    assert shards == 4 and man["run"]["shards_processed"] == shards
     check_folder_output(out, good, bad)
     files = storage.list_files(out)
     man2 = pdata.run(cfg_of(*args))
-    assert man2["run"]["shards_skipped"] == 3 and man2["run"]["shards_processed"] == 0
+    assert man2["run"]["shards_skipped"] == shards and man2["run"]["shards_processed"] == 0
     assert storage.list_files(out) == files
     check_folder_output(out, good, bad)
 

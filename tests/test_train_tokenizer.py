@@ -42,7 +42,9 @@ def test_train_stop_resume_fault_export(ray_cluster, fashion_parquet, tmp_path):
     uri = f"sqlite:///{store / 'mlflow.db'}"
     assert (
         mlflow.MlflowClient(uri)
-        .search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("reptok").experiment_id])
+        .search_runs(
+            [mlflow.MlflowClient(uri).get_experiment_by_name("reptok-tokenizer").experiment_id]
+        )
         .__len__()
         == 1
     )

@@ -1,59 +1,73 @@
 """The HTTP ingress: a FastAPI app wrapped as the `Api` deployment, in front of `Models`.
 
-It parses and checks every request (validation.py), so bad input gets a 4xx JSON error
-({"error": "...", "detail": ...}) before it reaches a model; it makes one `decode` call per
-image, which the model replicas batch with everyone else's, and encodes the PNGs itself.
+It parses and checks every request against the request models (validation.py), so bad input
+gets a 4xx JSON error ({"error": "...", "detail": [...]}) before it reaches a model; it makes
+one `decode` call per image, which the model replicas batch with everyone else's, and encodes
+the PNGs itself. It also serves the OpenAPI document (openapi.py) at /openapi.json and /docs:
+built from the same models, for the deployed limits and the loaded models.
 """
 
-# No `from __future__ import annotations`: FastAPI must see the request models as real classes
-# (Serve's class-based ingress re-wraps the methods, and string annotations then fail to resolve).
+# No `from __future__ import annotations`: FastAPI resolves the endpoints' annotations.
 import asyncio
 import base64
 import logging
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import TypeAdapter, ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipelines.serving import openapi
 from pipelines.serving.config import LimitSettings
-from pipelines.serving.validation import (
-    Checks,
-    DecodeRequest,
-    GenerateRequest,
-    InterpolateRequest,
-    TextToImageRequest,
-    bad,
-)
+from pipelines.serving.validation import Checks, ModelFacts, RequestModels, request_models
 from reptok_core.config import from_dict, to_dict
 from reptok_core.images import encode_image
 
 log = logging.getLogger("ray.serve")
 
-api = FastAPI(title="RepTok", description="One-token image tokenizer: sample, encode, decode.")
+# The OpenAPI document is served by the Api class itself (openapi.py): it depends on the limits
+# and on the loaded models, which FastAPI's static one cannot know.
+api = FastAPI(title="RepTok", openapi_url=None, docs_url=None, redoc_url=None)
+
+_TAGS = ("single", "batch")  # union branch names pydantic puts in error locations
 
 
-def _error(status: int, error: str, detail: Any = None) -> JSONResponse:
+class Rejected(Exception):
+    """A request refused before it reaches a model: answered as the documented JSON error."""
+
+    def __init__(self, status: int, error: str, detail: list[dict[str, str]] | None = None):
+        super().__init__(error)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def _error(status: int, error: str, detail: Any = None, headers: Any = None) -> JSONResponse:
     body = {"error": error} if detail is None else {"error": error, "detail": detail}
-    return JSONResponse(status_code=status, content=body)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-@api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [
-        {"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or "body", "problem": e.get("msg")}
+def _problems(exc: ValidationError) -> list[dict[str, str]]:
+    return [
+        {
+            "field": ".".join(str(p) for p in e["loc"] if p not in _TAGS) or "body",
+            "problem": e["msg"],
+        }
         for e in exc.errors()
     ]
-    if any(e.get("type") == "json_invalid" for e in exc.errors()):
-        return _error(400, "request body is not valid JSON", errors)
-    return _error(422, "invalid request", errors)
 
 
-@api.exception_handler(HTTPException)
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail))
+@api.exception_handler(Rejected)
+async def _rejected(_: Request, exc: Rejected) -> JSONResponse:
+    return _error(exc.status, exc.error, exc.detail)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Keeps the headers: a 405 must say which methods the path has (Allow).
+    return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 @api.exception_handler(Exception)
@@ -79,6 +93,7 @@ class Api:
         self.models = models
         self.limits = from_dict(LimitSettings, limits)
         self.check = Checks(self.limits)
+        self._request_models: dict[ModelFacts, RequestModels] = {}
 
     # -- shared steps
 
@@ -88,12 +103,46 @@ class Api:
             raise HTTPException(503, "model not loaded yet")
         return info
 
+    def _models(self, info: dict[str, Any]) -> RequestModels:
+        facts = ModelFacts.of(info)
+        if facts not in self._request_models:  # one set per loaded model generation
+            self._request_models[facts] = request_models(self.limits, facts)
+        return self._request_models[facts]
+
+    async def _parse(self, request: Request, adapter: TypeAdapter) -> Any:
+        raw = await self.check.body(request, self.check.json_cap())
+        try:
+            return adapter.validate_json(raw)
+        except ValidationError as e:
+            if any(err["type"] == "json_invalid" for err in e.errors()):
+                raise Rejected(400, "request body is not valid JSON", _problems(e)) from None
+            raise Rejected(422, "invalid request", _problems(e)) from None
+
+    def _steps(self, steps: int | None) -> int:
+        return self.limits.default_steps if steps is None else steps
+
     async def _decode_all(
         self, tokens: list[np.ndarray], steps: int, seeds: list[int]
     ) -> list[np.ndarray]:
         # One handle call per image: the model replica batches them with everyone else's.
         calls = [self.models.decode.remote(z, steps, s) for z, s in zip(tokens, seeds, strict=True)]
         return list(await asyncio.gather(*calls))
+
+    # -- the contract
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self, request: Request) -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(self.models.info.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - describe what is known without the models
+            info = {}
+        root = request.scope.get("root_path", "")
+        return JSONResponse(openapi.document(self.limits, ModelFacts.of(info), root))
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="RepTok API")
 
     # -- endpoints
 
@@ -113,78 +162,77 @@ class Api:
         return JSONResponse({**info, "limits": to_dict(self.limits)})
 
     @api.post("/generate")
-    async def generate(self, req: GenerateRequest) -> Response:
+    async def generate(self, request: Request) -> Response:
         info = await self._info()
         gen = info["generator"]
-        bad(gen is None, "no class-conditional generator configured (set model.generator)", 503)
+        if gen is None:
+            raise HTTPException(404, "no class-conditional generator configured (model.generator)")
+        req = await self._parse(request, self._models(info).generate)
         labels = req.label if isinstance(req.label, list) else [req.label] * (req.n or 1)
-        bad(
-            isinstance(req.label, list) and req.n is not None and req.n != len(labels),
-            f"n={req.n} disagrees with {len(labels)} labels",
-        )
-        self.check.n(len(labels))
-        k = gen["num_classes"]
-        for y in labels:
-            bad(not 0 <= y < k, f"label {y} is out of range: this generator has classes 0..{k - 1}")
-        steps, seed = self.check.steps(req.steps), self.check.seed(req.seed)
-        scale = self.check.scale(req.cfg_scale, gen["cfg_scale"])
+        steps, seed = self._steps(req.steps), req.seed
+        scale = gen["cfg_scale"] if req.cfg_scale is None else req.cfg_scale
         tokens = await self.models.class_tokens.remote(labels, scale, steps, seed)
         images = await self._decode_all(list(tokens), steps, [seed + i for i in range(len(labels))])
         return _png_response(images, req.format, {"labels": labels, "steps": steps, "seed": seed})
 
     @api.post("/text-to-image")
-    async def text_to_image(self, req: TextToImageRequest) -> Response:
+    async def text_to_image(self, request: Request) -> Response:
         info = await self._info()
         gen = info["text_generator"]
-        bad(gen is None, "no text-conditioned generator configured (set model.text_generator)", 503)
-        c = self.check
-        prompt = c.prompt(req.prompt)
-        n, steps, seed = c.n(req.n), c.steps(req.steps), c.seed(req.seed)
-        scale = c.scale(req.cfg_scale, gen["cfg_scale"])
+        if gen is None:
+            raise HTTPException(
+                404, "no text-conditioned generator configured (model.text_generator)"
+            )
+        req = await self._parse(request, self._models(info).text_to_image)
+        prompt, n, steps, seed = req.prompt.strip(), req.n, self._steps(req.steps), req.seed
+        scale = gen["cfg_scale"] if req.cfg_scale is None else req.cfg_scale
         tokens = await self.models.text_tokens.remote(prompt, n, scale, steps, seed)
         images = await self._decode_all(list(tokens), steps, [seed + i for i in range(n)])
         return _png_response(images, req.format, {"prompt": prompt, "steps": steps, "seed": seed})
 
     @api.post("/reconstruct")
-    async def reconstruct(
-        self, request: Request, steps: int | None = Query(None), seed: int = Query(0)
-    ) -> Response:
+    async def reconstruct(self, request: Request) -> Response:
         info = await self._info()
-        steps, seed = self.check.steps(steps), self.check.seed(seed)
-        image = self.check.image(await self.check.upload(request), info["tokenizer"]["image_size"])
+        try:
+            query = self._models(info).reconstruct_query.model_validate(dict(request.query_params))
+        except ValidationError as e:
+            raise Rejected(422, "invalid query", _problems(e)) from None
+        upload = await self.check.body(request, self.limits.max_upload_bytes)
+        image = self.check.image(upload, info["tokenizer"]["image_size"])
         token = await self.models.encode.remote(image)
-        (out,) = await self._decode_all([token], steps, [seed])
+        (out,) = await self._decode_all([token], self._steps(query.steps), [query.seed])
         return _png_response([out], "png", {})
 
     @api.post("/encode")
     async def encode(self, request: Request) -> JSONResponse:
         info = await self._info()
-        image = self.check.image(await self.check.upload(request), info["tokenizer"]["image_size"])
+        upload = await self.check.body(request, self.limits.max_upload_bytes)
+        image = self.check.image(upload, info["tokenizer"]["image_size"])
         token = await self.models.encode.remote(image)
         return JSONResponse({"token": [float(v) for v in token], "dim": int(token.shape[0])})
 
     @api.post("/decode")
-    async def decode(self, req: DecodeRequest) -> Response:
+    async def decode(self, request: Request) -> Response:
         info = await self._info()
-        c = self.check
-        z = c.token(req.token, info["tokenizer"]["token_dim"])
-        (out,) = await self._decode_all([z], c.steps(req.steps), [c.seed(req.seed)])
+        req = await self._parse(request, self._models(info).decode)
+        z = np.asarray(req.token, dtype=np.float32)
+        (out,) = await self._decode_all([z], self._steps(req.steps), [req.seed])
         return _png_response([out], "png", {})
 
     @api.post("/interpolate")
-    async def interpolate(self, req: InterpolateRequest) -> Response:
+    async def interpolate(self, request: Request) -> Response:
         info = await self._info()
-        tok, c = info["tokenizer"], self.check
-        n, steps, seed = c.n(req.n, low=2), c.steps(req.steps), c.seed(req.seed)
+        req = await self._parse(request, self._models(info).interpolate)
+        size = info["tokenizer"]["image_size"]
         ends = []
         for name, value in (("a", req.a), ("b", req.b)):
             if isinstance(value, list):
-                ends.append(c.token(value, tok["token_dim"], name))
+                ends.append(np.asarray(value, dtype=np.float32))
                 continue
-            image = c.image(c.base64_image(value, name), tok["image_size"], name)
+            image = self.check.image(self.check.base64_image(value, name), size, name)
             ends.append(await self.models.encode.remote(image))
-        w = np.linspace(0, 1, n, dtype=np.float32)[:, None]
+        w = np.linspace(0, 1, req.n, dtype=np.float32)[:, None]
         tokens = list((1 - w) * ends[0][None] + w * ends[1][None])  # as Tokenizer.interpolate
         # One seed for the whole row: only the token changes from image to image.
-        images = await self._decode_all(tokens, steps, [seed] * n)
+        images = await self._decode_all(tokens, self._steps(req.steps), [req.seed] * req.n)
         return _png_response(images, "png", {})

@@ -62,6 +62,17 @@ def bind(cfg: ServeConfig) -> Any:
 def build_app(args: dict[str, str] | None = None) -> Any:
     """`serve run pipelines.serve:build_app config=PRESET.yaml model.tokenizer=...` builder."""
     args = dict(args or {})
+    http = sorted(k for k in args if k.startswith("http."))
+    if http:
+        # The builder only returns the application: Serve's proxy is already configured by
+        # whoever deploys it, so these would be silently ignored.
+        raise ValueError(
+            f"{', '.join(http)}: the http section applies only to `python pipelines/serve.py`. "
+            "Under `serve run` the proxy address is Serve's: start Serve with it first "
+            "(`serve start --http-host H --http-port P` on a running cluster, then `serve run "
+            "--address auto ...`, with `--route-prefix` / `--name` for the rest), or put it in "
+            "a Serve config file's `http_options` (as cluster/kuberay/rayservice.yaml does)"
+        )
     preset = args.pop("config", None) or os.environ.get("REPTOK_SERVE_CONFIG") or None
     return bind(load_config(ServeConfig, preset, [f"{k}={v}" for k, v in args.items()]))
 

@@ -19,8 +19,8 @@ class ModelSettings:
         "",
         "tokenizer: an export folder (path or s3://), models:/<name>@<alias> or models:/<name>/<v>",
     )
-    generator: str = opt("", "class-conditional generator reference ('' = /generate answers 503)")
-    text_generator: str = opt("", "text-conditioned generator ('' = /text-to-image answers 503)")
+    generator: str = opt("", "class-conditional generator reference ('' = /generate answers 404)")
+    text_generator: str = opt("", "text-conditioned generator ('' = /text-to-image answers 404)")
     mlflow_uri: str = opt("", "tracking URI for models:/ references (default $MLFLOW_TRACKING_URI)")
     reload_poll_s: float = opt(
         0.0, "check registry aliases every N seconds and reload when one moved (0 = never)"

@@ -65,6 +65,12 @@ class Models:
         if settings.reload_poll_s > 0 and self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
+    def __del__(self) -> None:
+        # Serve calls this on a graceful shutdown: stop polling before the replica's thread
+        # pool closes under it (which logged an error on every healthy scale-down).
+        if self._poller is not None:
+            self._poller.cancel()
+
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(max(self.settings.reload_poll_s, 0.1))

@@ -50,7 +50,16 @@ class ImageConfig:
     format: str = opt("png", f"encoding of the stored image: {' | '.join(IMAGE_FORMATS)}")
     quality: int = opt(95, "JPEG/WebP quality (WebP 100 = lossless)")
     png_compress_level: int = opt(6, "PNG zlib level 0-9 (lower = faster, bigger files)")
-    min_size: int = opt(0, "reject images whose shorter side is below this (0 = keep all)")
+    min_size: int = opt(
+        16,
+        "reject images whose shorter side is below this (0 = keep all): a 1x1 icon or a "
+        "thumbnail is mostly upsampling blur at any training resolution",
+    )
+    max_aspect_ratio: float = opt(
+        4.0,
+        "reject images whose longer side exceeds this many times the shorter (0 = keep all): "
+        "the centre crop keeps under 1/4 of a wider image, a few pixels of a 4000x2 sliver",
+    )
     max_pixels: int = opt(
         89_478_485, "reject images with more pixels than this before decoding (bomb guard)"
     )
@@ -125,6 +134,10 @@ def validate(cfg: PrepareConfig) -> None:
         bad(f"source.split={cfg.source.split!r}; expected train | test | all")
     if cfg.image.format not in IMAGE_FORMATS:
         bad(f"image.format={cfg.image.format!r}; expected one of {IMAGE_FORMATS}")
+    if cfg.image.min_size < 0:
+        bad(f"image.min_size={cfg.image.min_size} must be >= 0 (0 = no minimum)")
+    if cfg.image.max_aspect_ratio != 0 and cfg.image.max_aspect_ratio < 1:
+        bad(f"image.max_aspect_ratio={cfg.image.max_aspect_ratio} must be >= 1 (0 = no limit)")
     if cfg.image.resolution <= 0 or cfg.output.shard_rows <= 0 or cfg.batch_size <= 0:
         bad("image.resolution, output.shard_rows and batch_size must be positive")
     if not 0.0 <= cfg.output.val_fraction < 1.0:

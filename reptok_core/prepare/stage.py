@@ -68,6 +68,7 @@ def shard_context(cfg: PrepareConfig, output: str) -> dict:
         "quality": cfg.image.quality,
         "png_compress_level": cfg.image.png_compress_level,
         "min_size": cfg.image.min_size,
+        "max_aspect": cfg.image.max_aspect_ratio,
         "max_pixels": cfg.image.max_pixels,
         "val_fraction": cfg.output.val_fraction,
         "shard_mb": cfg.output.shard_mb,

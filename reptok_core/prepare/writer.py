@@ -101,11 +101,10 @@ class ShardWriter:
 
 def _pixels(payload: bytes | np.ndarray, ctx: dict) -> np.ndarray:
     """Fetched bytes or array -> uint8 (res, res, 3); ImageRejected on bad input."""
+    shape = {"min_size": ctx["min_size"], "max_aspect": ctx["max_aspect"]}
     if isinstance(payload, np.ndarray):
-        return prepare_array(payload, ctx["resolution"], min_size=ctx["min_size"])
-    return prepare_bytes(
-        payload, ctx["resolution"], min_size=ctx["min_size"], max_pixels=ctx["max_pixels"]
-    )
+        return prepare_array(payload, ctx["resolution"], **shape)
+    return prepare_bytes(payload, ctx["resolution"], max_pixels=ctx["max_pixels"], **shape)
 
 
 def _split_of(item_id: str, val_fraction: float) -> str:
