@@ -125,7 +125,9 @@ def test_the_imported_release_serves(ray_cluster, imported):
         with Image.open(io.BytesIO(r.content)) as im:
             assert im.format == "PNG" and im.size == (64, 64)
     finally:
-        serve.delete("reptok-official")
+        # Shut Serve down, not just this app: its HTTP proxy keeps the port it started with,
+        # and the next module's service starts on another one.
+        serve.shutdown()
 
 
 def _png_of(size: int) -> bytes:
