@@ -17,7 +17,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from reptok_core.layers import compile_blocks  # noqa: E402,F401 - the benchmarks' regional mode
+from reptok_core.models.layers import compile_blocks  # noqa: E402,F401 - the benchmarks' regional mode
 
 
 @dataclass

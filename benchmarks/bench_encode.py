@@ -1,6 +1,6 @@
-"""Token encoding throughput (stage 1.5, `encode_latents`) on one device, without Ray.
+"""Token encoding throughput (stage 1.5, `encode_tokens`) on one device, without Ray.
 
-`actor`: what one `encode_latents` actor does per batch of decoded images: uint8 (B, 256, 256, 3)
+`actor`: what one `encode_tokens` actor does per batch of decoded images: uint8 (B, 256, 256, 3)
 from host memory -> device -> [-1, 1] -> the encoder's preprocessing (centre crop, resize to 224,
 ImageNet normalisation) -> ViT under bf16 autocast -> fp32 tokens back on the host.
 `forward`: the bound: the same ViT on inputs already preprocessed on the device (no copies).
@@ -19,9 +19,9 @@ import dataclasses
 import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
-from reptok_core.encoder import SSLEncoder, encoder_paper, encoder_tiny
+from reptok_core.images import images_from_uint8
+from reptok_core.models.encoder import SSLEncoder, encoder_paper, encoder_tiny
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
-from reptok_core.tokenizer_task import images_from_uint8
 
 
 def measure(

@@ -23,11 +23,12 @@ import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from reptok_core.cuda_graph_step import CudaGraphStep
-from reptok_core.generator_task import GeneratorTask, generator_preset
+from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.models.generator import generator_preset
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
-from reptok_core.token_stats import TokenNormalizer
-from reptok_core.training import EMA, OptimConfig, build_optimizer, train_step
+from reptok_core.stages.generator import GeneratorTask
+from reptok_core.training.cuda_graph_step import CudaGraphStep
+from reptok_core.training.optim import EMA, OptimConfig, build_optimizer, train_step
 
 OPTIM = OptimConfig(lr=1e-4, warmup_steps=5)
 

@@ -26,10 +26,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import prepare_data as pdata  # noqa: E402
-from reptok_core import builtin_datasets  # noqa: E402
 from reptok_core import prepare as prep  # noqa: E402
 from reptok_core.config import load_config  # noqa: E402
 from reptok_core.images import encode_image, prepare_array, prepare_bytes  # noqa: E402
+from reptok_core.prepare import builtin_datasets  # noqa: E402
 
 
 def make_jpeg_folder(root: Path, n: int) -> None:

@@ -7,7 +7,7 @@ steps) + SD-VAE decode. p50 / p90 at batch 1 and images/s at batch 32.
 
 Modes (all with bf16 weights, the ODE state in fp32, random weights):
 - `reference`: the project's generic sampling path (flow.sample with flow.Guidance, one CFG
-  branch per forward, eager kernels). The Serve replica's path (reptok_core/inference.py:
+  branch per forward, eager kernels). The Serve replica's path (reptok_core/serving/inference.py:
   the same calls replayed from CUDA graphs) is measured by bench_serving.py.
 - `graph`: the same math with the step schedule decided on the host (t is known in advance),
   the conditional and unconditional CFG branches in one batch, and each stage (mixer loop,
@@ -28,9 +28,9 @@ import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
 from reptok_core import flow
-from reptok_core.decoder import Decoder, decoder_paper, decoder_tiny
-from reptok_core.latent_space import SD_VAE_FT_MSE, SDVAESpace
-from reptok_core.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
+from reptok_core.models.decoder import Decoder, decoder_paper, decoder_tiny
+from reptok_core.models.latent_space import SD_VAE_FT_MSE, SDVAESpace
+from reptok_core.models.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
 from reptok_core.perf import synchronize
 
 TINY_VAE = dict(

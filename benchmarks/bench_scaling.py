@@ -24,7 +24,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from reptok_core import flow  # noqa: E402
-from reptok_core.distributed import (  # noqa: E402
+from reptok_core.models.latent_space import PixelSpace  # noqa: E402
+from reptok_core.models.mixer import MIXER_PRESETS, MixerGenerator  # noqa: E402
+from reptok_core.models.tokenizer import TOKENIZER_PRESETS, Tokenizer  # noqa: E402
+from reptok_core.training.distributed import (  # noqa: E402
     init_from_env,
     is_distributed,
     load_sharded,
@@ -32,10 +35,7 @@ from reptok_core.distributed import (  # noqa: E402
     shard_blocks,
     world,
 )
-from reptok_core.latent_space import PixelSpace  # noqa: E402
-from reptok_core.mixer import MIXER_PRESETS, MixerGenerator  # noqa: E402
-from reptok_core.tokenizer import TOKENIZER_PRESETS, Tokenizer  # noqa: E402
-from reptok_core.training import OptimConfig, build_optimizer, train_step  # noqa: E402
+from reptok_core.training.optim import OptimConfig, build_optimizer, train_step  # noqa: E402
 
 
 class Stage:

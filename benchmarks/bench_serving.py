@@ -1,4 +1,4 @@
-"""One class-conditional image as the Serve replica makes it (`reptok_core.inference.Inference`:
+"""One class-conditional image as the Serve replica makes it (`reptok_core.serving.inference.Inference`:
 `class_tokens` then `decode`, what /generate runs), without Ray or HTTP: latency at batch 1 and
 images/s at larger batches, `paper` presets with random weights (SD-VAE from the sd-vae-ft-mse
 config, so diffusers must be importable).
@@ -24,11 +24,12 @@ import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 from bench_sampling import TINY_VAE
 
-from reptok_core.generator_task import LoadedGenerator, build_model, generator_preset
-from reptok_core.inference import Inference, cast_weights
-from reptok_core.latent_space import SD_VAE_FT_MSE, SDVAESpace
-from reptok_core.token_stats import TokenNormalizer
-from reptok_core.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
+from reptok_core.exports.generator import LoadedGenerator
+from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.models.generator import build_model, generator_preset
+from reptok_core.models.latent_space import SD_VAE_FT_MSE, SDVAESpace
+from reptok_core.models.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
+from reptok_core.serving.inference import Inference, cast_weights
 
 
 def build(tiny: bool, device: torch.device) -> tuple[Tokenizer, LoadedGenerator]:

@@ -23,10 +23,10 @@ import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from reptok_core.encoder import EncoderConfig
-from reptok_core.latent_space import PixelSpace
+from reptok_core.models.encoder import EncoderConfig
+from reptok_core.models.latent_space import PixelSpace
+from reptok_core.models.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
-from reptok_core.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
 
 
 class PrecomputedLatents(PixelSpace):

@@ -10,9 +10,9 @@ normalised 768-d tokens with label dropout 0.1, bf16 autocast, fused AdamW, grad
 
 Run specs are `mode:batch[:option]`, mode eager | regional (torch.compile per mixer block) |
 full (torch.compile of the whole loss). On CUDA the token-mixing MLP runs as the Triton kernels
-of `reptok_core/fused_token_mix.py` (the default). Options:
+of `reptok_core/models/fused_token_mix.py` (the default). Options:
   mm     the token-mixing MLP as two matmuls (the official form), for comparison;
-  train  the training pipeline's own step (`reptok_core.training.train_step`: lr set, clipping
+  train  the training pipeline's own step (`reptok_core.training.optim.train_step`: lr set, clipping
          with the grad norm kept, EMA update) instead of the bare step;
   graph  the whole step (forward, backward, clipping, AdamW) captured once as a CUDA graph and
          replayed: no per-kernel launch cost (AdamW capturable, autocast without its cast cache).
@@ -26,9 +26,10 @@ import time
 import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
-from reptok_core import flow, training
-from reptok_core.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
+from reptok_core import flow
+from reptok_core.models.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
+from reptok_core.training.optim import optim as training
 
 
 def batch_of(model: MixerGenerator, b: int, device: torch.device):

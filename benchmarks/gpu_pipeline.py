@@ -9,14 +9,14 @@ One Ray head is started for all stages (`ray start --head`, RAY_ADDRESS set), as
 submit` finds a cluster; every stage is the real entry point in a subprocess with
 `run.use_gpu=true`, MLflow on SQLite under the work folder. Parts, in this order (`--parts`):
 
-  small  Fashion-MNIST at 32 px with the `small` presets: train_tokenizer -> encode_latents
+  small  Fashion-MNIST at 32 px with the `small` presets: train_tokenizer -> encode_tokens
          (GPU actor) -> train_generator (one worker: the step must run as a CUDA graph) ->
          evaluate (a GPU task) -> serve.py with HTTP requests.
   paper  The `paper` presets with random weights (no hub here): the SD-VAE is a randomly
          initialised diffusers AutoencoderKL of sd-vae-ft-mse's config saved as a local folder
          (`model.latent.vae=<folder>`, the same loading code as the hub id); prepare_data
          upsamples the 32-px Parquet to 256 px and adds `vae_latent` with a GPU VAE actor;
-         then train_tokenizer under Ray Train, encode_latents, train_generator and serve.py with
+         then train_tokenizer under Ray Train, encode_tokens, train_generator and serve.py with
          HTTP load, each timed, with the bare benchmark of the same work right after it:
          bench_stage1, bench_encode, bench_graph_step, bench_serving.
 
@@ -222,7 +222,7 @@ class Pipeline:
             return
         self.figure("small_tokenizer_img_s", steady_rate(out))
         self.figure("small_tokenizer_device", grep(out, r"device (\S+),"))
-        out = self.step("small_encode", py("pipelines/encode_latents.py") + [
+        out = self.step("small_encode", py("pipelines/encode_tokens.py") + [
             "--config", f"{ROOT}/configs/encode/{tok_cfg}.yaml", f"encode.images={self.data}/train",
             f"encode.output={self.work}/tokens-small", "encode.text_encoder=",
             "encode.tokenizer=models:/reptok-tokenizer-small@current", "encode.max_actors=1",
@@ -294,7 +294,7 @@ class Pipeline:
         if self.step("bare_stage1", py("benchmarks/bench_stage1.py") + bench + ["--out", bare], 80):
             self.figure("bare_stage1_img_s", bench_value(bare, "images_per_s"))
 
-        out = self.step("paper_encode", py("pipelines/encode_latents.py") + [
+        out = self.step("paper_encode", py("pipelines/encode_tokens.py") + [
             "--config", f"{ROOT}/configs/encode/{'tiny' if tiny else 'paper'}.yaml",
             f"encode.images={images}", f"encode.output={self.work}/tokens-paper",
             "encode.tokenizer=models:/reptok-tokenizer@current", "encode.max_actors=1",
@@ -348,10 +348,11 @@ class Pipeline:
 
         import torch
 
-        from reptok_core.generator_task import build_model, export_generator, generator_preset
-        from reptok_core.token_stats import TokenNormalizer
-        from reptok_core.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
-        from reptok_core.tokenizer_task import export_tokenizer
+        from reptok_core.exports.generator import export_generator
+        from reptok_core.exports.tokenizer import export_tokenizer
+        from reptok_core.formats.token_stats import TokenNormalizer
+        from reptok_core.models.generator import build_model, generator_preset
+        from reptok_core.models.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
 
         cfg = tokenizer_tiny() if self.tiny else tokenizer_paper()
         cfg.encoder = dataclasses.replace(cfg.encoder, weights="random")

@@ -14,10 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from reptok_core.decoder import Decoder, decoder_paper  # noqa: E402
-from reptok_core.encoder import build_vit, encoder_paper  # noqa: E402
-from reptok_core.mixer import N_TOKENS, MixerConfig, MixerGenerator, mixer_paper  # noqa: E402
-from reptok_core.text_generator import TextGenerator, text_generator_paper  # noqa: E402
+from reptok_core.models.decoder import Decoder, decoder_paper  # noqa: E402
+from reptok_core.models.encoder import build_vit, encoder_paper  # noqa: E402
+from reptok_core.models.mixer import N_TOKENS, MixerConfig, MixerGenerator, mixer_paper  # noqa: E402
+from reptok_core.models.text_generator import TextGenerator, text_generator_paper  # noqa: E402
 
 
 def millions(module) -> float:

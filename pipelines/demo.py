@@ -65,7 +65,7 @@ def _request_images(url: str, out_dir: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     cfg = common.parse_cli(DemoConfig, argv, __doc__).demo
     from pipelines import (
-        encode_latents,
+        encode_tokens,
         evaluate,
         prepare_data,
         serve,
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     tokenizer = os.path.join(runs, "tokenizer-demo", "export")
-    _banner("3/6 encode_latents: images -> one token each")
-    encode_latents.main(
+    _banner("3/6 encode_tokens: images -> one token each")
+    encode_tokens.main(
         [
             f"encode.images={data}/train",
             f"encode.output={tokens}",

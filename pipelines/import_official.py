@@ -6,9 +6,9 @@ offline) and a class-conditional generator (EMA weights, official token scaling 
         run.storage=runs run.name=official register.tokenizer=reptok-tokenizer
 
 writes <run.storage>/<run.name>/{tokenizer,generator}/, which `serve.py` (model.tokenizer /
-model.generator), `encode_latents.py`, `evaluate.py` and fine-tuning (`init_from=`) take as
+model.generator), `encode_tokens.py`, `evaluate.py` and fine-tuning (`init_from=`) take as
 they are. The checkpoint is read without running its pickled code and memory-mapped
-(reptok_core/official_checkpoint.py); no Ray is needed.
+(reptok_core/official/checkpoint.py); no Ray is needed.
 """
 
 from __future__ import annotations
@@ -56,15 +56,15 @@ class ImportOfficialConfig:
 
 def import_checkpoint(cfg: ImportOfficialConfig) -> dict[str, str]:
     """Write both exports; returns {"tokenizer": uri, "generator": uri}."""
-    from reptok_core.generator_task import export_generator
-    from reptok_core.official_checkpoint import load_official_checkpoint
-    from reptok_core.official_import import (
+    from reptok_core.exports.generator import export_generator
+    from reptok_core.exports.tokenizer import export_tokenizer
+    from reptok_core.official.checkpoint import load_official_checkpoint
+    from reptok_core.official.convert import (
         EncoderSizes,
         first_stage_params,
         generator_from_official,
         tokenizer_from_official,
     )
-    from reptok_core.tokenizer_task import export_tokenizer
 
     src = cfg.source
     if src.weights not in ("ema", "raw"):
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     cfg = common.parse_cli(ImportOfficialConfig, argv, __doc__)
     if not cfg.source.checkpoint:
         raise SystemExit("error: source.checkpoint is required (the official .ckpt file)")
-    from reptok_core.official_checkpoint import OfficialCheckpointError
+    from reptok_core.official.checkpoint import OfficialCheckpointError
 
     try:
         out = import_checkpoint(cfg)

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import common, image_data, ray_trainer, train_loop  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
-from reptok_core.dino import DinoConfig  # noqa: E402
-from reptok_core.training import OptimConfig  # noqa: E402
+from reptok_core.stages.dino import DinoConfig  # noqa: E402
+from reptok_core.training.optim import OptimConfig  # noqa: E402
 
 
 @dataclass
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> str:
     def make_probe():
         import torch
 
-        from reptok_core.dino import ProbeSet
+        from reptok_core.stages.dino import ProbeSet
 
         if not probe_on:
             return None
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> str:
     def train_fn(_: dict) -> None:
         import torch
 
-        from reptok_core.dino import DinoTask, export_encoder
+        from reptok_core.stages.dino import DinoTask, export_encoder
 
         probe = make_probe()
         q = (

@@ -6,7 +6,7 @@
 
 Same loop, checkpoints, resume, fault drill, MLflow and export as stage 1 (pipelines/train_loop.py).
 Each worker holds the whole token set in memory when it fits `data.memory_budget_gb` and streams
-its share from storage otherwise (pipelines/token_stream.py; `data.in_memory` forces either);
+its share from storage otherwise (reptok_core/formats/token_stream.py; `data.in_memory` forces either);
 tokens are normalised by the manifest's statistics either way, and text generators read the
 cached caption states, so no encoder runs per step. With `eval.fid_samples` set, every
 evaluation also measures gFID against a held-out images Parquet (the protocol of
@@ -24,15 +24,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from pipelines import common, model_uri, ray_trainer, token_data, train_loop  # noqa: E402
+from pipelines import common, model_uri, ray_trainer, train_loop  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
-from reptok_core.generator_task import GeneratorConfig  # noqa: E402
-from reptok_core.training import OptimConfig  # noqa: E402
+from reptok_core.formats import tokens as token_data  # noqa: E402
+from reptok_core.models.generator import GeneratorConfig  # noqa: E402
+from reptok_core.training.optim import OptimConfig  # noqa: E402
 
 
 @dataclass
 class DataSettings:
-    train: str = opt("", "token Parquet prefix to train on (output of encode_latents)")
+    train: str = opt("", "token Parquet prefix to train on (output of encode_tokens)")
     val: str = opt("", "held-out token Parquet for evaluation ('' = the first rows of data.train)")
     tokenizer: str = opt(
         "",
@@ -100,7 +101,7 @@ def fit_to_tokens(
     elif m.kind == "text":
         if captions is None:
             raise SystemExit(
-                f"error: {cfg.data.train!r} has no caption cache; run encode_latents with "
+                f"error: {cfg.data.train!r} has no caption cache; run encode_tokens with "
                 "encode.text_encoder set"
             )
         m.text.token_dim, m.text.text_dim = manifest["dim"], captions["dim"]
@@ -165,9 +166,9 @@ def training_fid(cfg: TrainGeneratorConfig, num_classes: int, decoder: Any, devi
     """A worker's gFID probe: Inception on every rank; the reference statistics on rank 0 only,
     computed once and cached where pipelines/evaluate.py caches them (under run.storage)."""
     from pipelines import evaluate
-    from reptok_core.distributed import world
-    from reptok_core.fid import InceptionFeatures
-    from reptok_core.gfid import TrainingFid
+    from reptok_core.evaluation.fid import InceptionFeatures
+    from reptok_core.evaluation.gfid import TrainingFid
+    from reptok_core.training.distributed import world
 
     e = cfg.eval
     net = InceptionFeatures().to(device)
@@ -190,14 +191,15 @@ def training_fid(cfg: TrainGeneratorConfig, num_classes: int, decoder: Any, devi
 def main(argv: list[str] | None = None) -> str:
     cfg = common.parse_cli(TrainGeneratorConfig, argv, __doc__)
     if not cfg.data.train:
-        raise SystemExit("error: data.train is required (a token Parquet from encode_latents)")
+        raise SystemExit("error: data.train is required (a token Parquet from encode_tokens)")
     manifest = token_data.read_manifest(cfg.data.train)
     cache = token_data.read_caption_cache(cfg.data.train) if cfg.model.kind == "text" else None
     captions = cache[0] if cache else None  # the driver keeps the names, workers the states
     del cache
     init = None
     if cfg.init_from:
-        from reptok_core.generator_task import finetune_generator_config, load_generator
+        from reptok_core.exports.generator import load_generator
+        from reptok_core.stages.generator import finetune_generator_config
 
         init = load_generator(model_uri.resolve(cfg.init_from, common.mlflow_uri(cfg.run)).folder)
         cfg.model = finetune_generator_config(cfg.model, init.cfg)
@@ -245,11 +247,12 @@ def main(argv: list[str] | None = None) -> str:
     def task_factory(device):
         import torch
 
-        from pipelines.encode_latents import resolve_export
-        from pipelines.token_stream import TokenStream
-        from reptok_core.distributed import world
-        from reptok_core.generator_task import GeneratorTask, load_generator
-        from reptok_core.tokenizer_task import EXPORT_CONFIG, load_tokenizer
+        from pipelines.encode_tokens import resolve_export
+        from reptok_core.exports.generator import load_generator
+        from reptok_core.exports.tokenizer import EXPORT_CONFIG, load_tokenizer
+        from reptok_core.formats.token_stream import TokenStream
+        from reptok_core.stages.generator import GeneratorTask
+        from reptok_core.training.distributed import world
 
         # Every worker reads the tokens and caption states itself: no copy rides in the closure.
         cache = token_data.read_caption_cache(cfg.data.train) if captions else None
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> str:
         )
 
     def train_fn(_: dict) -> None:
-        from reptok_core.generator_task import export_generator
+        from reptok_core.exports.generator import export_generator
 
         train_loop.run(
             task_factory,

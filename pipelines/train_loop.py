@@ -1,6 +1,6 @@
 """The Ray Train worker loop shared by stage 1 and stage 2 (never copied per stage).
 
-A *task* (reptok_core.tokenizer_task.TokenizerTask, reptok_core.generator_task...) supplies the
+A *task* (reptok_core.stages.tokenizer.TokenizerTask, reptok_core.stages.generator...) supplies the
 model and what a batch means; this loop supplies everything around it: FSDP2, optimizer and
 EMA, sharded checkpoints with resume, data position, MLflow logging from rank 0, evaluation,
 sample grids, progress, and the final consolidated export of the EMA weights. A task may define
@@ -27,16 +27,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from reptok_core import cuda_graph_step, storage
+from reptok_core import storage
 from reptok_core.config import opt
-from reptok_core.distributed import (
+from reptok_core.training import cuda_graph_step
+from reptok_core.training.distributed import (
     full_state_dict,
     is_distributed,
     load_sharded,
     save_sharded,
     world,
 )
-from reptok_core.training import EMA, OptimConfig, build_optimizer, lr_at, train_step
+from reptok_core.training.optim import (
+    EMA,
+    OptimConfig,
+    build_optimizer,
+    lr_at,
+    train_step,
+)
 
 TRAINER_STATE = "trainer_state.json"
 

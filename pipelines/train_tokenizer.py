@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import common, image_data, model_uri, ray_trainer, train_loop  # noqa: E402
 from reptok_core.config import from_dict, opt, section  # noqa: E402
-from reptok_core.tokenizer import TokenizerConfig  # noqa: E402
-from reptok_core.training import OptimConfig  # noqa: E402
+from reptok_core.models.tokenizer import TokenizerConfig  # noqa: E402
+from reptok_core.training.optim import OptimConfig  # noqa: E402
 
 
 @dataclass
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> str:
     tracking_uri = common.mlflow_uri(cfg.run)
     vae_config = None
     if cfg.init_from:
-        from reptok_core.tokenizer_task import finetune_config, read_tokenizer_meta
+        from reptok_core.exports.tokenizer import read_tokenizer_meta
+        from reptok_core.stages.tokenizer import finetune_config
 
         meta = read_tokenizer_meta(model_uri.resolve(cfg.init_from, tracking_uri).folder)
         cfg.model = finetune_config(cfg.model, from_dict(TokenizerConfig, meta["config"]))
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> str:
     run_dir = common.run_dir(cfg.run)
 
     def train_fn(_: dict) -> None:
-        from reptok_core.tokenizer_task import TokenizerTask, export_tokenizer
+        from reptok_core.exports.tokenizer import export_tokenizer
+        from reptok_core.stages.tokenizer import TokenizerTask
 
         # Resolved again here: a registry download on the driver is not on the worker's node.
         init = model_uri.resolve(cfg.init_from, tracking_uri).folder if cfg.init_from else ""

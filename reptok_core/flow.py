@@ -29,7 +29,7 @@ Classifier-free guidance (`Guidance`)
     steps 16..45 are guided, 30 of 50). Outside the interval, and at scale 1, the
     CONDITIONAL velocity alone is used (as there: cfg_scale 1 with the real labels).
 
-Token scaling (what the generators model; reptok_core/token_stats.TokenNormalizer)
+Token scaling (what the generators model; reptok_core/formats/token_stats.TokenNormalizer)
   - Per dimension (the default): (z - mean_d) / std_d, the token Parquet manifest's statistics.
   - The official scalar: z / scale_factor (its first stage divides tokens by `scale_factor` on
     encode and multiplies on decode), held as mean 0 and std = scale_factor in every dimension
@@ -146,7 +146,7 @@ class Guidance:
     docstring). `branches(x, t)` returns (v_c, v_u), e.g. from one forward of the doubled batch.
 
     `sample` takes the decisions for its whole time grid up front on the host: the loop then
-    has no device-to-host syncs, so a CUDA graph can hold it (reptok_core/graph_cache.py).
+    has no device-to-host syncs, so a CUDA graph can hold it (reptok_core/serving/graph_cache.py).
     """
 
     branches: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -13,6 +13,7 @@ import io
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Why each input can be dropped. Kept short and stable: the manifest counts by these names.
@@ -235,3 +236,24 @@ def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded prepared image -> uint8 HxWx3 (for readers of the prepared Parquet)."""
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"))
+
+
+def images_from_uint8(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1] on `device`."""
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+def images_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(rows: list[np.ndarray]) -> np.ndarray:
+    """Stack equally long rows of (N, H, W, 3) images into one (rows*H, N*W, 3) picture."""
+    return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)

@@ -74,8 +74,8 @@ def fashion_parquet(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from reptok_core.builtin_datasets import load_fashion_mnist
     from reptok_core.images import encode_image, prepare_array
+    from reptok_core.prepare.builtin_datasets import load_fashion_mnist
 
     root = tmp_path_factory.mktemp("fashion16")
     pixels, labels = load_fashion_mnist("train")
@@ -102,12 +102,12 @@ def fashion_parquet(tmp_path_factory):
 @pytest.fixture(scope="session")
 def captioned_parquet(tmp_path_factory):
     """48 Fashion-MNIST images (classes 0 and 1) at 16 px in 6 files, with repeating captions
-    (6 distinct): an images Parquet for encode_latents / train_generator tests."""
+    (6 distinct): an images Parquet for encode_tokens / train_generator tests."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from reptok_core.builtin_datasets import load_fashion_mnist
     from reptok_core.images import encode_image, prepare_array
+    from reptok_core.prepare.builtin_datasets import load_fashion_mnist
 
     root = tmp_path_factory.mktemp("captioned16")
     pixels, labels = load_fashion_mnist("train")
@@ -137,12 +137,12 @@ def tiny_tokenizer_export(tmp_path_factory):
 
     from pipelines.train_tokenizer import TrainTokenizerConfig
     from reptok_core.config import load_config
-    from reptok_core.tokenizer import Tokenizer
-    from reptok_core.tokenizer_task import export_tokenizer
+    from reptok_core.exports.tokenizer import export_tokenizer
+    from reptok_core.models.tokenizer import Tokenizer
 
     cfg = load_config(TrainTokenizerConfig, "configs/tokenizer/tiny.yaml").model
     uri = str(tmp_path_factory.mktemp("tokenizer") / "export")
     torch.manual_seed(0)
-    # A made-up run id: encode_latents copies it into its lineage tag and manifest.
+    # A made-up run id: encode_tokens copies it into its lineage tag and manifest.
     export_tokenizer(Tokenizer(cfg).state_dict(), cfg, uri, {"mlflow_run_id": "tok-run-0"})
     return uri

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from reptok_core.cuda_graph_step import _signature, resolve
+from reptok_core.training.cuda_graph_step import _signature, resolve
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

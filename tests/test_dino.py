@@ -1,4 +1,4 @@
-"""Stage 0 core (reptok_core/dino.py) on CPU: crops, loss, teacher EMA, centring, k-NN, export."""
+"""Stage 0 core (reptok_core/stages/dino.py) on CPU: crops, loss, teacher EMA, centring, k-NN, export."""
 
 import dataclasses
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from reptok_core.builtin_datasets import load_fashion_mnist
-from reptok_core.dino import (
+from reptok_core.images import prepare_array
+from reptok_core.models.encoder import SSLEncoder
+from reptok_core.prepare.builtin_datasets import load_fashion_mnist
+from reptok_core.stages.dino import (
     DinoTask,
     dino_tiny,
     export_encoder,
@@ -15,8 +17,6 @@ from reptok_core.dino import (
     multi_crop,
     save_encoder_export,
 )
-from reptok_core.encoder import SSLEncoder
-from reptok_core.images import prepare_array
 
 CPU = torch.device("cpu")
 
@@ -141,7 +141,7 @@ def test_export_loads_as_ssl_encoder(images, tmp_path, fp16):
 
 
 def test_export_json_records_knn(images, tmp_path):
-    from reptok_core.dino import ProbeSet
+    from reptok_core.stages.dino import ProbeSet
 
     pixels, labels = load_fashion_mnist("train")
     task = _task()

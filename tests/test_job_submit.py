@@ -138,7 +138,7 @@ def test_job_submit_registers_a_model_that_outlives_the_job(
     code = (
         "import sys, torch\n"
         "from pipelines import model_uri\n"
-        "from reptok_core.tokenizer_task import load_tokenizer\n"
+        "from reptok_core.stages.tokenizer import load_tokenizer\n"
         "got = model_uri.resolve('models:/job-tok@current', sys.argv[1], sys.argv[2])\n"
         "tok = load_tokenizer(got.folder)\n"
         "z = tok.encode(torch.zeros(1, 3, 16, 16))\n"

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from reptok_core import flow
-from reptok_core import fused_token_mix as ftm
-from reptok_core.generator_task import sample_tokens
-from reptok_core.layers import MLP, SinusoidalTimeEmbedding
-from reptok_core.mixer import (
+from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.models import fused_token_mix as ftm
+from reptok_core.models.generator import sample_tokens
+from reptok_core.models.layers import MLP, SinusoidalTimeEmbedding
+from reptok_core.models.mixer import (
     MixerBlock,
     MixerGenerator,
     mixer_from_official,
@@ -21,8 +22,7 @@ from reptok_core.mixer import (
     mixer_tiny,
     official_mixer_state_dict,
 )
-from reptok_core.official_checkpoint import load_official_checkpoint, official_parts
-from reptok_core.token_stats import TokenNormalizer
+from reptok_core.official.checkpoint import load_official_checkpoint, official_parts
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 

@@ -4,19 +4,19 @@ import sys
 import pytest
 import torch
 
-from reptok_core.decoder import (
+from reptok_core.formats.token_stats import RunningStats, TokenNormalizer
+from reptok_core.models.decoder import (
     Decoder,
     apply_half_rope,
     axial_rope_angles,
     canvas_positions,
     decoder_tiny,
 )
-from reptok_core.latent_space import SDVAESpace
-from reptok_core.layers import attention
-from reptok_core.mixer import MixerGenerator, mixer_tiny
-from reptok_core.text_generator import TextGenerator, text_generator_tiny
-from reptok_core.token_stats import RunningStats, TokenNormalizer
-from reptok_core.tokenizer import Tokenizer, tokenizer_tiny
+from reptok_core.models.latent_space import SDVAESpace
+from reptok_core.models.layers import attention
+from reptok_core.models.mixer import MixerGenerator, mixer_tiny
+from reptok_core.models.text_generator import TextGenerator, text_generator_tiny
+from reptok_core.models.tokenizer import Tokenizer, tokenizer_tiny
 
 TINY_VAE = dict(
     in_channels=3,

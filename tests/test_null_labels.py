@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import encode_latents, image_data, token_data, train_tokenizer
-from reptok_core.builtin_datasets import load_fashion_mnist
+from pipelines import encode_tokens, image_data, train_tokenizer
+from reptok_core.formats import tokens as token_data
 from reptok_core.images import encode_image, prepare_array
+from reptok_core.prepare.builtin_datasets import load_fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_stage1_then_encode_on_caption_only_data(
     assert len(step_lines) == 1, step_lines  # Ray Train V2 used to print each one twice
     export = store / "captions" / "export"
     out = tmp_path / "tokens"
-    manifest = encode_latents.main(
+    manifest = encode_tokens.main(
         [
             "--config",
             "configs/encode/tiny.yaml",

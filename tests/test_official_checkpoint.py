@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reptok_core.official_checkpoint import (
+from reptok_core.official.checkpoint import (
     OfficialCheckpointError,
     load_official_checkpoint,
     official_parts,
@@ -69,7 +69,7 @@ def test_hyper_parameters_become_plain_data(ckpt):
 
 def test_reading_imports_nothing_from_the_pickle():
     code = (
-        "import sys; from reptok_core.official_checkpoint import load_official_checkpoint as L;"
+        "import sys; from reptok_core.official.checkpoint import load_official_checkpoint as L;"
         f"L({str(CKPT)!r}); print(sorted(m for m in sys.modules "
         "if m.split('.')[0] in ('omegaconf', 'lightning', 'pytorch_lightning', 'reptok')))"
     )

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from reptok_core import flow
-from reptok_core.latent_space import SDVAESpace
-from reptok_core.official_checkpoint import OfficialCheckpointError, load_official_checkpoint
-from reptok_core.official_import import EncoderSizes, tokenizer_from_official
-from reptok_core.tokenizer import Tokenizer
+from reptok_core.models.latent_space import SDVAESpace
+from reptok_core.models.tokenizer import Tokenizer
+from reptok_core.official.checkpoint import OfficialCheckpointError, load_official_checkpoint
+from reptok_core.official.convert import EncoderSizes, tokenizer_from_official
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 META = json.loads((OFFICIAL / "official.json").read_text())

@@ -6,12 +6,12 @@ Measured (CPU, seed 0): PSNR 5.6 dB at init -> ~9.1 dB after 450 steps; the asse
 import numpy as np
 import torch
 
-from reptok_core.builtin_datasets import load_fashion_mnist
+from reptok_core.evaluation.metrics import psnr
 from reptok_core.images import prepare_array
-from reptok_core.metrics import psnr
-from reptok_core.tokenizer import tokenizer_tiny
-from reptok_core.tokenizer_task import TokenizerTask
-from reptok_core.training import EMA, OptimConfig, build_optimizer, train_step
+from reptok_core.models.tokenizer import tokenizer_tiny
+from reptok_core.prepare.builtin_datasets import load_fashion_mnist
+from reptok_core.stages.tokenizer import TokenizerTask
+from reptok_core.training.optim import EMA, OptimConfig, build_optimizer, train_step
 
 
 def test_tiny_tokenizer_overfits_eight_images():

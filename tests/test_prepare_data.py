@@ -24,10 +24,11 @@ import pytest
 from PIL import Image
 
 from pipelines import prepare_data as pdata
-from reptok_core import builtin_datasets, storage
 from reptok_core import prepare as prep
+from reptok_core import storage
 from reptok_core.config import load_config
 from reptok_core.images import decode_rgb, prepare_array, prepare_bytes, stable_id
+from reptok_core.prepare import builtin_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 32
@@ -594,7 +595,7 @@ def test_vae_latent_column_with_a_tiny_vae(tmp_path):
     """The optional vae_latent column, with a tiny random AutoencoderKL saved like a hub model."""
     from diffusers import AutoencoderKL
 
-    from reptok_core.latent_space import SDVAESpace
+    from reptok_core.models.latent_space import SDVAESpace
 
     tiny = dict(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,

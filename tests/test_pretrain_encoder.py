@@ -42,7 +42,7 @@ def test_pretrain_export_loads_as_tokenizer_encoder(ray_cluster, fashion_parquet
     # The tokenizer builds its encoder from the export exactly like from DINOv2 weights.
     from pipelines.train_tokenizer import TrainTokenizerConfig
     from reptok_core.config import load_config
-    from reptok_core.tokenizer import Tokenizer
+    from reptok_core.models.tokenizer import Tokenizer
     from reptok_core.weights import load_state_dict_file
 
     cfg = load_config(

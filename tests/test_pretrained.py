@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from reptok_core.builtin_datasets import load_fashion_mnist
-from reptok_core.dino import DinoConfig, dino_small, knn_accuracy
-from reptok_core.encoder import SMALL_SSL_WEIGHTS, SSLEncoder, encoder_small
 from reptok_core.images import prepare_array
+from reptok_core.models.encoder import SMALL_SSL_WEIGHTS, SSLEncoder, encoder_small
+from reptok_core.prepare.builtin_datasets import load_fashion_mnist
+from reptok_core.stages.dino import DinoConfig, dino_small, knn_accuracy
 from reptok_core.weights import PRETRAINED_DIR, resolve_builtin
 
 

@@ -65,8 +65,8 @@ def test_build_app_refuses_http_settings_it_cannot_apply():
 
 
 def _tokenizer_export(uri: str, seed: int):
-    from reptok_core.tokenizer import Tokenizer, tokenizer_tiny
-    from reptok_core.tokenizer_task import export_tokenizer
+    from reptok_core.exports.tokenizer import export_tokenizer
+    from reptok_core.models.tokenizer import Tokenizer, tokenizer_tiny
 
     torch.manual_seed(seed)
     cfg = tokenizer_tiny()
@@ -79,8 +79,9 @@ def _tokenizer_export(uri: str, seed: int):
 
 
 def _generator_export(uri: str, kind: str) -> None:
-    from reptok_core.generator_task import build_model, export_generator, generator_preset
-    from reptok_core.token_stats import TokenNormalizer
+    from reptok_core.exports.generator import export_generator
+    from reptok_core.formats.token_stats import TokenNormalizer
+    from reptok_core.models.generator import build_model, generator_preset
 
     torch.manual_seed(0)
     cfg = generator_preset("tiny", kind)
@@ -92,7 +93,7 @@ def _generator_export(uri: str, kind: str) -> None:
 
 def _register(store, mlflow_uri: str, export: str, name: str) -> str:
     from pipelines import common
-    from reptok_core.tokenizer import tokenizer_tiny
+    from reptok_core.models.tokenizer import tokenizer_tiny
 
     run = common.RunSettings(
         name=f"{name}-{time.time_ns()}", storage=str(store), mlflow_uri=mlflow_uri, register_as=name
@@ -157,7 +158,7 @@ def _get(service, path):
 
 @pytest.mark.slow
 def test_every_endpoint(service):
-    from reptok_core.tokenizer_task import load_tokenizer
+    from reptok_core.exports.tokenizer import load_tokenizer
 
     assert _get(service, "/healthz").json()["status"] == "ok"
     info = _get(service, "/info").json()

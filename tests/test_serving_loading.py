@@ -7,8 +7,9 @@ import torch
 
 from pipelines.serving.config import ModelSettings
 from pipelines.serving.loading import load_changed, warm_up
-from reptok_core.generator_task import LoadedGenerator, build_model, generator_preset
-from reptok_core.token_stats import TokenNormalizer
+from reptok_core.exports.generator import LoadedGenerator
+from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.models.generator import build_model, generator_preset
 
 CPU = torch.device("cpu")
 

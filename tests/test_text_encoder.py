@@ -1,6 +1,6 @@
 import torch
 
-from reptok_core.text_encoder import TextEncoder
+from reptok_core.models.text_encoder import TextEncoder
 
 
 def test_offline_minilm_gives_token_states(monkeypatch):

@@ -4,15 +4,10 @@ fine-tuning from one (`init_from`)."""
 import torch
 from safetensors.torch import load_file
 
-from reptok_core.latent_space import SDVAESpace
-from reptok_core.tokenizer import Tokenizer, TokenizerConfig, tokenizer_tiny
-from reptok_core.tokenizer_task import (
-    TokenizerTask,
-    export_tokenizer,
-    finetune_config,
-    load_tokenizer,
-    read_tokenizer_meta,
-)
+from reptok_core.exports.tokenizer import export_tokenizer, load_tokenizer, read_tokenizer_meta
+from reptok_core.models.latent_space import SDVAESpace
+from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig, tokenizer_tiny
+from reptok_core.stages.tokenizer import TokenizerTask, finetune_config
 
 TINY_VAE = dict(
     in_channels=3,

@@ -10,11 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import encode_latents, token_data, train_generator
-from pipelines.token_stream import TokenStream
+from pipelines import encode_tokens, train_generator
 from reptok_core import storage
-from reptok_core.generator_task import load_generator, sample_tokens
-from reptok_core.tokenizer_task import load_tokenizer
+from reptok_core.exports.generator import load_generator
+from reptok_core.exports.tokenizer import load_tokenizer
+from reptok_core.formats import tokens as token_data
+from reptok_core.formats.token_stream import TokenStream
+from reptok_core.models.generator import sample_tokens
 
 
 def _write_tokens(uri: str, sizes: list[int], row_group: int) -> str:
@@ -83,7 +85,7 @@ def test_in_memory_auto_follows_the_budget():
 def tokens(ray_cluster, captioned_parquet, tiny_tokenizer_export, tmp_path_factory):
     """The captioned tiny set encoded once (tokens + flipped tokens + MiniLM caption states)."""
     root = tmp_path_factory.mktemp("tokens")
-    encode_latents.main([
+    encode_tokens.main([
         "--config", "configs/encode/tiny.yaml",
         f"encode.images={captioned_parquet}",
         f"encode.output={root / 'tokens'}",

@@ -64,7 +64,7 @@ def test_train_stop_resume_fault_export(ray_cluster, fashion_parquet, tmp_path):
     # The export loads in a fresh process and reconstructs an image.
     code = (
         "import sys, torch, numpy as np\n"
-        "from reptok_core.tokenizer_task import load_tokenizer\n"
+        "from reptok_core.stages.tokenizer import load_tokenizer\n"
         "from pipelines.image_data import heldout_batch\n"
         "tok = load_tokenizer(sys.argv[1])\n"
         "b = heldout_batch(sys.argv[2], 2)\n"

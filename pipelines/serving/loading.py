@@ -25,7 +25,7 @@ class Loaded:
 
     refs: dict[str, tuple[str, str]]  # role -> (reference, registry version)
     tokenizer: Any
-    inference: Any  # reptok_core.inference.Inference: CUDA graphs of exactly these models
+    inference: Any  # reptok_core.serving.inference.Inference: CUDA graphs of exactly these models
     knobs: tuple = ()  # the settings the models were prepared with (precision, compile, graphs)
     generator: Any = None
     text_generator: Any = None
@@ -44,11 +44,11 @@ def load_changed(
     """The models `settings` ask for, reusing what `old` already holds; None when nothing
     changed (same references, registry versions, precision, compile and graph settings).
     Raises ValueError on a bad combination."""
-    from reptok_core.generator_task import load_generator
-    from reptok_core.inference import Inference, cast_weights
-    from reptok_core.layers import compile_blocks
-    from reptok_core.text_encoder import OFFLINE_MINILM, TextEncoder
-    from reptok_core.tokenizer_task import load_tokenizer
+    from reptok_core.exports.generator import load_generator
+    from reptok_core.exports.tokenizer import load_tokenizer
+    from reptok_core.models.layers import compile_blocks
+    from reptok_core.models.text_encoder import OFFLINE_MINILM, TextEncoder
+    from reptok_core.serving.inference import Inference, cast_weights
 
     wanted = {role: getattr(settings, role) for role in ROLES}
     if not wanted["tokenizer"]:

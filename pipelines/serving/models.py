@@ -142,7 +142,7 @@ class Models:
     def _encode(self, tok: Any, images: list[np.ndarray]) -> list[np.ndarray]:
         import torch
 
-        from reptok_core.tokenizer_task import images_from_uint8
+        from reptok_core.images import images_from_uint8
 
         with torch.no_grad():
             x = images_from_uint8(torch.from_numpy(np.stack(images)), self.device)
@@ -162,7 +162,7 @@ class Models:
     ) -> list[np.ndarray]:
         import torch
 
-        from reptok_core.tokenizer_task import images_to_uint8
+        from reptok_core.images import images_to_uint8
 
         out: list[np.ndarray | None] = [None] * len(tokens)
         for n_steps in sorted(set(steps)):  # one flow solve per step count in the batch

@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from reptok_core import builtin_datasets
 from reptok_core.images import ImageRejected
-from reptok_core.prepare import fileio
+from reptok_core.prepare import builtin_datasets, fileio
 
 Fetched = tuple[bytes | np.ndarray, int | None, str | None]  # (pixels, label, caption)
 

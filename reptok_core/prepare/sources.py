@@ -17,10 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reptok_core import builtin_datasets
 from reptok_core.config import ConfigError
 from reptok_core.images import stable_id
-from reptok_core.prepare import fileio
+from reptok_core.prepare import builtin_datasets, fileio
 from reptok_core.prepare.config import PrepareError, SourceConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")

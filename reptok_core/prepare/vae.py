@@ -8,14 +8,14 @@ import numpy as np
 
 
 def load_vae(model: str) -> Any:
-    """The frozen SD-VAE latent space (reptok_core.latent_space), on the GPU when there is one.
+    """The frozen SD-VAE latent space (reptok_core.models.latent_space), on the GPU when there is one.
 
     Latents are the posterior mean, not a sample, so re-running a shard writes identical bytes
     (idempotence) and training can add its own noise; they are scaled by the VAE's factor.
     """
     import torch
 
-    from reptok_core.latent_space import SDVAESpace  # lazy: diffusers is heavy
+    from reptok_core.models.latent_space import SDVAESpace  # lazy: diffusers is heavy
 
     space = SDVAESpace.from_pretrained(model, sample=False)
     return space.to("cuda" if torch.cuda.is_available() else "cpu")

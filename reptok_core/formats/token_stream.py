@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import token_data
-from reptok_core.generator_task import batches_per_rank
+from reptok_core.formats import tokens as token_data
+from reptok_core.stages.generator import batches_per_rank
 
 Arrays = dict[str, np.ndarray]
 

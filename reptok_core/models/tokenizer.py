@@ -9,9 +9,9 @@ import torch.nn as nn
 
 from reptok_core import flow
 from reptok_core.config import opt, section
-from reptok_core.decoder import DECODER_PRESETS, Decoder, DecoderConfig
-from reptok_core.encoder import ENCODER_PRESETS, EncoderConfig, SSLEncoder, cosine_loss
-from reptok_core.latent_space import LatentSpaceConfig, PixelSpace, build_latent_space
+from reptok_core.models.decoder import DECODER_PRESETS, Decoder, DecoderConfig
+from reptok_core.models.encoder import ENCODER_PRESETS, EncoderConfig, SSLEncoder, cosine_loss
+from reptok_core.models.latent_space import LatentSpaceConfig, PixelSpace, build_latent_space
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""encode_latents: registry references (fast) and the S3 / kill / re-run path on real Ray (slow)."""
+"""encode_tokens: registry references (fast) and the S3 / kill / re-run path on real Ray (slow)."""
 
 import io
 import json
@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import common, encode_latents, token_data
+from pipelines import common, encode_tokens
 from reptok_core import storage
-from reptok_core.images import decode_rgb
-from reptok_core.tokenizer_task import EXPORT_CONFIG, images_from_uint8, load_tokenizer
+from reptok_core.exports.tokenizer import EXPORT_CONFIG, load_tokenizer
+from reptok_core.formats import tokens as token_data
+from reptok_core.images import decode_rgb, images_from_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,16 +40,16 @@ def test_registered_tokenizer_alias_resolves(tmp_path, tiny_tokenizer_export, ca
     uri = common.mlflow_uri(run)
     run_id = common.start_or_resume_mlflow_run(run, run, stage="tokenizer")
     assert str(common.register_export(run, run_id, tiny_tokenizer_export, "tokenizer")) == "1"
-    local, rid = encode_latents.resolve_export("models:/tok-tiny@current", uri, EXPORT_CONFIG)
+    local, rid = encode_tokens.resolve_export("models:/tok-tiny@current", uri, EXPORT_CONFIG)
     # The lineage id is the training run's, recorded in the export (the fixture's is made up).
     assert rid == "tok-run-0" and os.path.exists(os.path.join(local, EXPORT_CONFIG))
-    assert encode_latents.resolve_export("models:/tok-tiny/1", uri, EXPORT_CONFIG)[0] == local
-    enc = encode_latents.load_encoder("models:/tok-tiny@current", uri, torch.device("cpu"))
+    assert encode_tokens.resolve_export("models:/tok-tiny/1", uri, EXPORT_CONFIG)[0] == local
+    enc = encode_tokens.load_encoder("models:/tok-tiny@current", uri, torch.device("cpu"))
     x = images_from_uint8(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), torch.device("cpu"))
     with torch.no_grad():
         assert torch.allclose(enc(x), load_tokenizer(tiny_tokenizer_export).encoder(x))
     with pytest.raises(FileNotFoundError, match="not an export folder"):
-        encode_latents.resolve_export(str(tmp_path / "nope"), uri, EXPORT_CONFIG)
+        encode_tokens.resolve_export(str(tmp_path / "nope"), uri, EXPORT_CONFIG)
 
 
 def test_part_encoder_decodes_on_threads_in_row_order(
@@ -56,11 +57,11 @@ def test_part_encoder_decodes_on_threads_in_row_order(
 ):
     """The actor decodes a part's PNGs on `cpus_per_actor` threads: tokens and ids must still
     line up row by row with encoding the images one by one."""
-    s = encode_latents.EncodeSettings(
+    s = encode_tokens.EncodeSettings(
         output=str(tmp_path / "tokens"), tokenizer=tiny_tokenizer_export, batch_size=16,
         cpus_per_actor=4,
     )  # fmt: skip
-    actor = encode_latents.PartEncoder(s, tracking_uri="")
+    actor = encode_tokens.PartEncoder(s, tracking_uri="")
     assert actor.decoders._max_workers == 4
     src = str(fashion_parquet / "train" / "part-0.parquet")
     out = actor({"input": np.array([src]), "part": np.array(["part-00000-t"])})
@@ -90,7 +91,7 @@ def test_encode_to_s3_killed_then_rerun(
     # Part 1: a separate driver on the same cluster dies hard after 2 of 6 parts.
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "encode_latents.py"), *args,
+        [sys.executable, str(REPO / "pipelines" / "encode_tokens.py"), *args,
          "encode.kill_after_parts=2"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -99,7 +100,7 @@ def test_encode_to_s3_killed_then_rerun(
     assert 2 <= len(markers) < 6 and not storage.exists(f"{out}/{token_data.MANIFEST}")
 
     # Part 2: the same command completes the job, reusing the finished parts.
-    manifest = encode_latents.main(args)
+    manifest = encode_tokens.main(args)
     direct = _direct_tokens(tiny_tokenizer_export, captioned_parquet)
     data = token_data.load_tokens(out)
     assert manifest["rows"] == 48 == len(data["id"]) == len(set(data["id"]))
@@ -120,7 +121,7 @@ def test_encode_to_s3_killed_then_rerun(
 
     # Part 3: a re-run of a finished job changes nothing.
     before = {f: storage.read_bytes(f) for f in storage.list_files(out, ".parquet")}
-    again = encode_latents.main(args)
+    again = encode_tokens.main(args)
     assert again["rows"] == 48 and again["parts"] == manifest["parts"]
     assert {f: storage.read_bytes(f) for f in storage.list_files(out, ".parquet")} == before
     parts = [pq.read_table(io.BytesIO(storage.read_bytes(f))) for f in before]

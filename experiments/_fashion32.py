@@ -8,8 +8,8 @@ import os
 import numpy as np
 import torch
 
-from reptok_core.builtin_datasets import load_fashion_mnist
 from reptok_core.images import prepare_array
+from reptok_core.prepare.builtin_datasets import load_fashion_mnist
 
 SIZE = 32
 

@@ -10,7 +10,7 @@ Public API used by Serve and evaluation:
     tokens = sample_tokens(gen.model, gen.normalizer, labels=torch.tensor([3, 7]),
                            scale=1.5, interval=(0.3, 0.9), steps=50, seed=0)
     tokens = sample_tokens(gen.model, gen.normalizer, text=TextEncoder(gen.text_encoder)(captions))
-    images = tokenizer.decode(tokens)         # stage-1 decoder (reptok_core.tokenizer_task.load_tokenizer)
+    images = tokenizer.decode(tokens)         # stage-1 decoder (reptok_core.exports.tokenizer.load_tokenizer)
 
 `sample_tokens` returns DENORMALISED tokens (B, D), i.e. in the tokenizer's own token space.
 """
@@ -18,144 +18,18 @@ Public API used by Serve and evaluation:
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from reptok_core import flow
-from reptok_core.config import from_dict, opt, section, to_dict
-from reptok_core.distributed import shard_blocks, world
-from reptok_core.mixer import MIXER_PRESETS, MixerConfig, MixerGenerator
-from reptok_core.text_generator import (
-    TEXT_GENERATOR_PRESETS,
-    TextGenerator,
-    TextGeneratorConfig,
-)
-from reptok_core.token_stats import TokenNormalizer
+from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.models.generator import GeneratorConfig, build_model, sample_tokens
+from reptok_core.training.distributed import shard_blocks, world
 
 if TYPE_CHECKING:  # gfid imports this module for sample_tokens
-    from reptok_core.gfid import TrainingFid
-
-EXPORT_WEIGHTS = "generator.safetensors"
-EXPORT_CONFIG = "generator.json"
-KINDS = ("class", "text")
-
-
-@dataclass
-class GeneratorConfig:
-    kind: str = opt(
-        "class", "'class' (MLP-Mixer over class labels) or 'text' (caption-conditioned)"
-    )
-    mixer: MixerConfig = section(MixerConfig, "class-conditional MLP-Mixer (kind=class)")
-    text: TextGeneratorConfig = section(TextGeneratorConfig, "text-conditioned model (kind=text)")
-    flow: flow.FlowConfig = section(flow.FlowConfig, "training-time t distribution")
-    cfg_scale: float = opt(1.5, "classifier-free guidance scale for evaluation samples (1 = off)")
-    cfg_interval: list[float] = opt(
-        [0.3, 0.9],
-        "[lo, hi] where CFG is applied, inclusive, in the GENERATOR's time s = 1 - t (s = 0 is "
-        "noise), as the paper's and the official code's [0.3, 0.9] (reptok_core/flow.py)",
-    )
-    token_scale: float = opt(
-        0.0,
-        "token normalisation: 0 = per-dimension mean/std of the token manifest; > 0 = the "
-        "official scalar, tokens divided by this `scale_factor` (reptok_core/flow.py)",
-    )
-
-
-def generator_preset(name: str, kind: str = "class") -> GeneratorConfig:
-    """`tiny`, `small` or `paper` sizes of the class- or text-conditioned generator."""
-    if name not in MIXER_PRESETS:
-        raise ValueError(
-            f"unknown generator preset {name!r}; expected one of {list(MIXER_PRESETS)}"
-        )
-    return GeneratorConfig(
-        kind=kind, mixer=MIXER_PRESETS[name](), text=TEXT_GENERATOR_PRESETS[name]()
-    )
-
-
-def build_model(cfg: GeneratorConfig) -> torch.nn.Module:
-    if cfg.kind == "class":
-        return MixerGenerator(cfg.mixer)
-    if cfg.kind == "text":
-        return TextGenerator(cfg.text)
-    raise ValueError(f"generator kind {cfg.kind!r}; expected one of {KINDS}")
-
-
-def token_dim(cfg: GeneratorConfig) -> int:
-    return cfg.mixer.token_dim if cfg.kind == "class" else cfg.text.token_dim
-
-
-@torch.no_grad()
-def sample_tokens(
-    model: torch.nn.Module,
-    normalizer: TokenNormalizer,
-    *,
-    labels: torch.Tensor | None = None,
-    text: tuple[torch.Tensor, torch.Tensor] | None = None,
-    scale: float = 1.0,
-    interval: tuple[float, float] = (0.0, 1.0),
-    steps: int = 50,
-    seed: int | None = 0,
-    method: str = "euler",
-    noise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Generate one token per condition; returns denormalised tokens (B, D).
-
-    Give `labels` (B,) for a MixerGenerator (use `model.null_class` for unconditional samples)
-    or `text=(states (B, L, E), mask (B, L))` for a TextGenerator. CFG with `scale` is applied
-    only where the generator time s = 1 - t is in `interval` (the paper: 1.5 on [0.3, 0.9];
-    reptok_core/flow.py). The same seed gives the same tokens;
-    `noise` (B, D), when given, replaces `seeded_token_noise(B, normalizer, seed)`.
-    """
-    p = next(model.parameters())
-    device = p.device
-    if (labels is None) == (text is None):
-        raise ValueError("sample_tokens needs exactly one of labels= or text=")
-    # Guided steps run the conditional and unconditional branches as one doubled batch: half
-    # the launches of two forwards (what limits small-batch sampling), same per-row math.
-    if labels is not None:
-        y = torch.as_tensor(labels, device=device).long()
-        b = y.shape[0]
-        y2 = torch.cat([y, torch.full_like(y, model.null_class)])
-
-        def cond(x, t):
-            return model(x, t, y)
-
-        def both(x, t):
-            return model(torch.cat([x, x]), torch.cat([t, t]), y2)
-    else:
-        states, mask = (v.to(device) for v in text)
-        b = states.shape[0]
-        states2, mask2 = torch.cat([states, states]), torch.cat([mask, mask])
-        null2 = torch.arange(2 * b, device=device) >= b  # the second half sees the null text
-
-        def cond(x, t):
-            return model(x, t, states, mask)
-
-        def both(x, t):
-            return model(torch.cat([x, x]), torch.cat([t, t]), states2, mask2, null=null2)
-
-    if noise is None:
-        noise = seeded_token_noise(b, normalizer, seed)
-    # The ODE state stays fp32 even when the weights are bf16: 50 Euler steps in bf16 drift.
-    noise = noise.to(device, torch.float32)
-    guidance = flow.Guidance(
-        lambda x, t: both(x.to(p.dtype), t).float().chunk(2), scale, tuple(interval)
-    )
-    z = flow.sample(lambda x, t: cond(x.to(p.dtype), t).float(), noise, steps, method, guidance)
-    return normalizer.to(device).denormalize(z.float())
-
-
-def seeded_token_noise(n: int, normalizer: TokenNormalizer, seed: int | None) -> torch.Tensor:
-    """The starting noise `sample_tokens(seed=seed)` draws for n tokens: float32 randn from a
-    seeded CPU generator, so it is the same on every device."""
-    gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn((n, normalizer.mean.numel()), generator=gen)
+    from reptok_core.evaluation.gfid import TrainingFid
 
 
 def batches_per_rank(rows: int, batch_size: int, world_size: int) -> int:
@@ -188,11 +62,11 @@ class GeneratorTask:
     images), and `label` (B,) or `caption_idx` (B,) into `captions` = (states (U, L, E), mask).
     The training set is `data` (those columns as tensors over every row) or `stream`, an object
     whose `epoch_batches(epoch, batch_size, seed)` yields this rank's batches
-    (pipelines.token_stream.TokenStream).
+    (reptok_core.formats.token_stream.TokenStream).
     """
 
     # The loss has fixed shapes and no host syncs, so a single-GPU run may capture the step as
-    # a CUDA graph (reptok_core/cuda_graph_step.py).
+    # a CUDA graph (reptok_core/training/cuda_graph_step.py).
     capture_safe = True
 
     def __init__(
@@ -317,7 +191,7 @@ class GeneratorTask:
                 metrics["gfid"] = gfid
         grid = None
         if self.decoder is not None:
-            from reptok_core.tokenizer_task import image_grid, images_to_uint8
+            from reptok_core.images import image_grid, images_to_uint8
 
             n = min(8, samples.shape[0])
             tokens = self.normalizer.denormalize(samples[:n]).to(self.device)
@@ -339,46 +213,3 @@ def class_distances(
         "class_dist": d.gather(1, own[:, None]).mean().item(),
         "class_acc": (d.argmin(1) == own).float().mean().item(),
     }
-
-
-@dataclass
-class LoadedGenerator:
-    model: torch.nn.Module
-    normalizer: TokenNormalizer
-    cfg: GeneratorConfig
-    meta: dict[str, Any]
-
-    @property
-    def text_encoder(self) -> str | None:
-        return self.meta.get("text_encoder")
-
-
-def export_generator(
-    state: dict[str, torch.Tensor],
-    cfg: GeneratorConfig,
-    normalizer: TokenNormalizer,
-    uri: str,
-    extra: dict | None = None,
-) -> None:
-    """Write weights + normaliser (safetensors) and config JSON (plus `extra` lineage) to `uri`."""
-    from reptok_core.storage import join, write_bytes_atomic
-
-    tensors = {k: v.contiguous() for k, v in state.items()}
-    tensors["normalizer.mean"] = normalizer.mean.detach().cpu().contiguous()
-    tensors["normalizer.std"] = normalizer.std.detach().cpu().contiguous()
-    write_bytes_atomic(join(uri, EXPORT_WEIGHTS), save_safetensors_bytes(tensors))
-    meta = {"config": to_dict(cfg), **(extra or {})}
-    write_bytes_atomic(join(uri, EXPORT_CONFIG), json.dumps(meta, indent=2).encode())
-
-
-def load_generator(uri: str, device: torch.device | str = "cpu") -> LoadedGenerator:
-    """Rebuild an exported generator (eval mode) with its token normaliser."""
-    from reptok_core.storage import join, read_bytes
-
-    meta = json.loads(read_bytes(join(uri, EXPORT_CONFIG)))
-    cfg = from_dict(GeneratorConfig, meta["config"])
-    state = load_safetensors_bytes(read_bytes(join(uri, EXPORT_WEIGHTS)))
-    normalizer = TokenNormalizer(state.pop("normalizer.mean"), state.pop("normalizer.std"))
-    model = build_model(cfg)
-    model.load_state_dict(state)  # strict: a mismatch is a broken export, say so loudly
-    return LoadedGenerator(model.to(device).eval(), normalizer.to(device), cfg, meta)

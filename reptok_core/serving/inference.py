@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from reptok_core.generator_task import LoadedGenerator, sample_tokens, seeded_token_noise
-from reptok_core.graph_cache import GraphCache, bucket
+from reptok_core.exports.generator import LoadedGenerator
+from reptok_core.models.generator import sample_tokens, seeded_token_noise
+from reptok_core.serving.graph_cache import GraphCache, bucket
 
 
 def _padded(x: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:

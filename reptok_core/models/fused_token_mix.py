@@ -2,7 +2,7 @@
 
 For x (B, N, C) with N = 3 tokens, the token MLP computes, for every (b, c),
     out[b, :, c] = W2 · gelu(W1 · x[b, :, c] + b1) + b2      (W1: H x N, W2: N x H)
-with the exact (erf) GELU of the official RepTok mixer, as reptok_core.layers.MLP.
+with the exact (erf) GELU of the official RepTok mixer, as reptok_core.models.layers.MLP.
 As two matmuls (K = 3 and N = 3) its hidden activation (B, H, C), 85x the block input for
 H = 256, goes through memory several times per step, which made it most of the mixer's step
 time. These kernels keep the hidden activation in registers: the forward reads x and writes

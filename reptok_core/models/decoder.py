@@ -6,7 +6,7 @@ One layer: AdaRMSNorm -> cosine-similarity attention with a learnable per-head s
 2-D RoPE on half of each head's channels -> zero-init output projection -> residual; then
 AdaRMSNorm -> SwiGLU -> zero-init down projection -> residual. Time enters only through the
 AdaRMSNorms, from a mapping network over random Fourier features. Parameter for parameter the
-official model (`reptok/encoder/encoder.py` of CompVis/RepTok); reptok_core/official_import.py
+official model (`reptok/encoder/encoder.py` of CompVis/RepTok); reptok_core/official/convert.py
 maps its checkpoint onto this module.
 """
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from reptok_core import fused_token_mix as ftm
 from reptok_core.config import opt
-from reptok_core.layers import MLP, SinusoidalTimeEmbedding
+from reptok_core.models import fused_token_mix as ftm
+from reptok_core.models.layers import MLP, SinusoidalTimeEmbedding
 
 N_TOKENS = 3  # [image token, class, time]
 
@@ -69,7 +69,7 @@ MIXER_PRESETS = {"tiny": mixer_tiny, "small": mixer_small, "paper": mixer_paper}
 
 class MixerBlock(nn.Module):
     # On CUDA the token-mixing MLP runs as the fused Triton kernels of
-    # reptok_core/fused_token_mix.py (same function, 1.45x faster training step on an H200,
+    # reptok_core/models/fused_token_mix.py (same function, 1.45x faster training step on an H200,
     # benchmarks/NOTES.md); False keeps the two matmuls everywhere.
     fused_token_mix = True
 

@@ -1,6 +1,6 @@
 """Encode an images Parquet into the token Parquet (DESIGN §3) with a trained tokenizer.
 
-    python pipelines/encode_latents.py --config configs/encode/tiny.yaml \\
+    python pipelines/encode_tokens.py --config configs/encode/tiny.yaml \\
         encode.images=data/fm-16/train encode.output=data/fm-16-tokens \\
         encode.tokenizer=runs/tokenizer-tiny/export        # or models:/reptok-tokenizer-tiny@current
 
@@ -30,10 +30,11 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines import common, model_uri, token_data  # noqa: E402
+from pipelines import common, model_uri  # noqa: E402
 from reptok_core import storage  # noqa: E402
 from reptok_core.config import opt, section, to_dict  # noqa: E402
-from reptok_core.token_stats import RunningStats  # noqa: E402
+from reptok_core.formats import tokens as token_data  # noqa: E402
+from reptok_core.formats.token_stats import RunningStats  # noqa: E402
 
 FORMAT = "reptok-tokens/1"
 
@@ -95,7 +96,7 @@ class _EncodeOnlySpace(torch.nn.Module):
 
 
 def load_encoder(spec: str, tracking_uri: str, device: torch.device) -> torch.nn.Module:
-    from reptok_core.tokenizer_task import EXPORT_CONFIG, load_tokenizer
+    from reptok_core.exports.tokenizer import EXPORT_CONFIG, load_tokenizer
 
     uri, _ = resolve_export(spec, tracking_uri, EXPORT_CONFIG)
     cfg = json.loads(storage.read_bytes(storage.join(uri, EXPORT_CONFIG)))["config"]
@@ -122,7 +123,7 @@ class PartEncoder:
 
     @torch.no_grad()
     def _encode(self, images: np.ndarray, flip: bool) -> np.ndarray:
-        from reptok_core.tokenizer_task import images_from_uint8
+        from reptok_core.images import images_from_uint8
 
         out = []
         for i in range(0, len(images), self.s.batch_size):
@@ -203,7 +204,7 @@ def _worker_env() -> dict[str, Any]:
 
 
 def _encode_captions_task(s: EncodeSettings, captions: list[str]) -> None:
-    from reptok_core.text_encoder import TextEncoder
+    from reptok_core.models.text_encoder import TextEncoder
 
     enc = TextEncoder(s.text_encoder, max_length=s.text_max_length)
     if torch.cuda.is_available():
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.init_ray(min_cpus=s.max_actors * int(np.ceil(s.cpus_per_actor)) + 2)
     import mlflow
 
-    from reptok_core.tokenizer_task import EXPORT_CONFIG
+    from reptok_core.exports.tokenizer import EXPORT_CONFIG
 
     use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
     tracking_uri = common.mlflow_uri(cfg.run)

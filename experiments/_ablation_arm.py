@@ -1,4 +1,4 @@
-"""One arm of the SSL ablation, end to end on one device (see benchmarks/ssl_ablation.py).
+"""One arm of the SSL ablation, end to end on one device (see experiments/ssl_ablation.py).
 
 Stage 1 trains the `small` tokenizer (configs/tokenizer/small.yaml) with the arm's encoder
 settings, stage 2 the `small` class-conditional MLP-Mixer (configs/generator/small.yaml) on the
@@ -20,28 +20,19 @@ from _fashion32 import fashion32
 from PIL import Image
 
 from reptok_core.config import from_dict, read_yaml
-from reptok_core.dino import knn_accuracy
-from reptok_core.encoder import SSLEncoder
-from reptok_core.fid import FeatureStats, InceptionFeatures, extract_features, fid
-from reptok_core.generator_task import (
-    GeneratorConfig,
-    GeneratorTask,
-    export_generator,
-    load_generator,
-    sample_tokens,
-)
-from reptok_core.metrics import psnr, ssim
-from reptok_core.token_stats import TokenNormalizer
-from reptok_core.tokenizer import TokenizerConfig
-from reptok_core.tokenizer_task import (
-    TokenizerTask,
-    export_tokenizer,
-    image_grid,
-    images_from_uint8,
-    images_to_uint8,
-    load_tokenizer,
-)
-from reptok_core.training import EMA, OptimConfig, build_optimizer, lr_at, train_step
+from reptok_core.evaluation.fid import FeatureStats, InceptionFeatures, extract_features, fid
+from reptok_core.evaluation.metrics import psnr, ssim
+from reptok_core.exports.generator import export_generator, load_generator
+from reptok_core.exports.tokenizer import export_tokenizer, load_tokenizer
+from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.images import image_grid, images_from_uint8, images_to_uint8
+from reptok_core.models.encoder import SSLEncoder
+from reptok_core.models.generator import GeneratorConfig, sample_tokens
+from reptok_core.models.tokenizer import TokenizerConfig
+from reptok_core.stages.dino import knn_accuracy
+from reptok_core.stages.generator import GeneratorTask
+from reptok_core.stages.tokenizer import TokenizerTask
+from reptok_core.training.optim import EMA, OptimConfig, build_optimizer, lr_at, train_step
 
 ARMS = {
     "a_ssl": dict(ssl=True),

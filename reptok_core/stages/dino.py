@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors_bytes
 
 from reptok_core.config import opt, section, to_dict
-from reptok_core.encoder import (
+from reptok_core.models.encoder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EncoderConfig,
@@ -394,7 +394,7 @@ def export_encoder(
 ) -> dict[str, Any]:
     """Export, then reload the file through `SSLEncoder` (as the tokenizer will) and record its
     k-NN accuracy in the JSON, so the number describes exactly the shipped weights."""
-    from reptok_core.encoder import SSLEncoder
+    from reptok_core.models.encoder import SSLEncoder
 
     enc_cfg = save_encoder_export(state, cfg, uri, fp16=fp16, extra=extra)
     meta = {"encoder": to_dict(enc_cfg), "dino": to_dict(cfg), "fp16": fp16, **(extra or {})}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from reptok_core.training import EMA, set_lr, update
+from reptok_core.training.optim import EMA, set_lr, update
 
 
 def resolve(setting: str, device: torch.device, distributed: bool, capturable: bool) -> bool:

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from reptok_core.decoder import DecoderConfig, axial_rope_angles
-from reptok_core.encoder import EncoderConfig, convert_official_dinov2
-from reptok_core.generator_task import GeneratorConfig
-from reptok_core.latent_space import SD_VAE_FT_MSE, LatentSpaceConfig, SDVAESpace
-from reptok_core.mixer import mixer_from_official
-from reptok_core.official_checkpoint import OfficialCheckpointError
-from reptok_core.token_stats import TokenNormalizer
-from reptok_core.tokenizer import Tokenizer, TokenizerConfig
+from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.models.decoder import DecoderConfig, axial_rope_angles
+from reptok_core.models.encoder import EncoderConfig, convert_official_dinov2
+from reptok_core.models.generator import GeneratorConfig
+from reptok_core.models.latent_space import SD_VAE_FT_MSE, LatentSpaceConfig, SDVAESpace
+from reptok_core.models.mixer import mixer_from_official
+from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
+from reptok_core.official.checkpoint import OfficialCheckpointError
 
 FIRST_STAGE = "first_stage.decoder.decoder."
 DINO = FIRST_STAGE + "encoder.dino."

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from reptok_core.config import opt
-from reptok_core.layers import MLP, Attention, CrossAttention, SinusoidalTimeEmbedding
+from reptok_core.models.layers import MLP, Attention, CrossAttention, SinusoidalTimeEmbedding
 
 
 @dataclass

@@ -7,7 +7,7 @@ Every step is a command that fits a 10-minute limit and leaves its outputs as fi
             a k-NN probe every --eval-every steps; exports the teacher as a timm-layout fp16
             safetensors encoder whose JSON records the k-NN accuracy of exactly those weights.
   fid-ref   Inception statistics of the train and test splits (the FID references).
-  arm       one arm, end to end (benchmarks/_ablation_arm.py): stage 1 -> tokens -> stage 2 ->
+  arm       one arm, end to end (experiments/_ablation_arm.py): stage 1 -> tokens -> stage 2 ->
             PSNR / SSIM / rFID on the test split, gFID with and without CFG, token k-NN.
   report    the arms' JSON files as one Markdown table.
 
@@ -18,11 +18,11 @@ The arms (paper Table 4 / Fig. 9):
   d_ssl_cls_frozen  SSL encoder, [cls] embedding frozen
 Claims: gFID(a) far below gFID(b); gFID(a) below gFID(c); PSNR(a) above PSNR(d).
 
-    python benchmarks/ssl_ablation.py pretrain --out runs/ssl --minutes 7
-    python benchmarks/ssl_ablation.py fid-ref --out runs/ssl
-    python benchmarks/ssl_ablation.py arm --arm a_ssl --out runs/ssl \
+    python experiments/ssl_ablation.py pretrain --out runs/ssl --minutes 7
+    python experiments/ssl_ablation.py fid-ref --out runs/ssl
+    python experiments/ssl_ablation.py arm --arm a_ssl --out runs/ssl \
         --encoder runs/ssl/dino/export/encoder.safetensors
-    python benchmarks/ssl_ablation.py report --out runs/ssl
+    python experiments/ssl_ablation.py report --out runs/ssl
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from _ablation_arm import ARMS, ArmSettings, run_arm
 from _fashion32 import fashion32
 
 from reptok_core.config import from_dict, parse_overrides, read_yaml
-from reptok_core.dino import DinoConfig, DinoTask, ProbeSet, export_encoder
-from reptok_core.fid import FeatureStats, InceptionFeatures, extract_features, fid
-from reptok_core.training import OptimConfig, build_optimizer, lr_at, train_step
+from reptok_core.evaluation.fid import FeatureStats, InceptionFeatures, extract_features, fid
+from reptok_core.stages.dino import DinoConfig, DinoTask, ProbeSet, export_encoder
+from reptok_core.training.optim import OptimConfig, build_optimizer, lr_at, train_step
 
 FIT_FROM, FIT_TO = 20, 100  # steps timed by `pretrain --steps -1`
 
@@ -136,7 +136,7 @@ def pretrain(args: argparse.Namespace) -> None:
         os.path.join(out, "export"),
         fp16=True,
         extra={
-            "command": "python benchmarks/ssl_ablation.py " + " ".join(sys.argv[1:]),
+            "command": "python experiments/ssl_ablation.py " + " ".join(sys.argv[1:]),
             "step": step,
             "batch": batch,
         },  # fmt: skip

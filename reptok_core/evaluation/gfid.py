@@ -1,5 +1,5 @@
 """gFID of a class-conditional generator: class-balanced samples -> stage-1 decoder -> Inception
-features -> Fréchet distance to reference statistics (reptok_core/fid.py has the protocol).
+features -> Fréchet distance to reference statistics (reptok_core/evaluation/fid.py has the protocol).
 
 pipelines/evaluate.py generates all its samples in one process. Stage-2 training (`TrainingFid`)
 splits them over the ranks, which must all sample anyway because the generator is FSDP-sharded,
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from reptok_core import fid
-from reptok_core.distributed import world
-from reptok_core.generator_task import sample_tokens
-from reptok_core.token_stats import TokenNormalizer
+from reptok_core.evaluation import fid
+from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.models.generator import sample_tokens
+from reptok_core.training.distributed import world
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from reptok_core import storage
-from reptok_core.token_stats import TokenNormalizer
+from reptok_core.formats.token_stats import TokenNormalizer
 
 MANIFEST = "_manifest.json"
 PARTS_DIR = "_parts"
@@ -77,7 +77,7 @@ def read_manifest(uri: str) -> dict[str, Any]:
     path = storage.join(uri, MANIFEST)
     if not storage.exists(path):
         raise FileNotFoundError(
-            f"{path} not found: {uri!r} is not a finished token Parquet (run encode_latents)"
+            f"{path} not found: {uri!r} is not a finished token Parquet (run encode_tokens)"
         )
     return json.loads(storage.read_bytes(path))
 
@@ -174,6 +174,6 @@ def caption_index(captions: list[str | None], cached: list[str]) -> np.ndarray:
     if missing:
         raise ValueError(
             f"{len(missing)} rows have no cached caption state (e.g. {missing[0]!r}); "
-            "text generators need a caption on every row: re-run encode_latents with text_encoder set"
+            "text generators need a caption on every row: re-run encode_tokens with text_encoder set"
         )
     return np.asarray([where[c] for c in captions], dtype=np.int64)

@@ -55,7 +55,7 @@ def encoder_tiny() -> EncoderConfig:
     )
 
 
-# DINO-pretrained on Fashion-MNIST by benchmarks/ssl_ablation.py (k-NN accuracy 0.755 against
+# DINO-pretrained on Fashion-MNIST by experiments/ssl_ablation.py (k-NN accuracy 0.755 against
 # 0.498 at random init, same probe; reptok_core/pretrained/fashion32-dino-vits4.json has the command).
 SMALL_SSL_WEIGHTS = "builtin:fashion32-dino-vits4"
 
