@@ -1,4 +1,4 @@
-"""Encode an images Parquet into the token Parquet (DESIGN §3) with a trained tokenizer.
+"""Encode an images Parquet into the token Parquet (DESIGN.md §3.2) with a trained tokenizer.
 
     python pipelines/encode_tokens.py --config configs/encode/tiny.yaml \\
         encode.images=data/fm-16/train encode.output=data/fm-16-tokens \\

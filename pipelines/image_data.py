@@ -1,4 +1,4 @@
-"""Reading the images Parquet (DESIGN §3) for training: a Ray Dataset for the train stream
+"""Reading the images Parquet (DESIGN.md §3.1) for training: a Ray Dataset for the train stream
 and a small fixed held-out batch for evaluation."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _parquet_dataset(uri: str) -> pads.Dataset:
 
 
 def labels_or_minus_one(values: np.ndarray | list) -> np.ndarray:
-    """A label column -> int64 with -1 for "no label" (DESIGN §3: `label: int32 null`).
+    """A label column -> int64 with -1 for "no label" (DESIGN.md §3.1: `label: int32 null`).
 
     Arrow hands a partly null int column to numpy as float with NaN, and an all-null column
     typed `null` as objects holding None; caption-only datasets have nothing but nulls.

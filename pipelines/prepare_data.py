@@ -1,4 +1,4 @@
-"""Stage 0: turn raw images into the images Parquet of DESIGN.md §3 with Ray Data.
+"""Data preparation: turn raw images into the images Parquet of DESIGN.md §3.1 with Ray Data.
 
     python pipelines/prepare_data.py --config configs/prepare/fashion-mnist.yaml output.uri=out/fm
     python pipelines/prepare_data.py source.kind=folder source.uri=s3://raw/imagenet/train \\

@@ -69,7 +69,7 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def fashion_parquet(tmp_path_factory):
-    """128 Fashion-MNIST images at 16 px as an images Parquet (DESIGN §3), written directly."""
+    """128 Fashion-MNIST images at 16 px: an images Parquet (DESIGN.md §3.1) written directly."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -22,7 +22,7 @@ from reptok_core.prepare.builtin_datasets import load_fashion_mnist
 @pytest.fixture(scope="module")
 def caption_only_parquet(tmp_path_factory):
     """24 images at 16 px with captions and a null `label` column, as prepare_data writes it
-    for an emoji or caption-manifest source (DESIGN §3 schema)."""
+    for an emoji or caption-manifest source (DESIGN.md §3.1 schema)."""
     root = tmp_path_factory.mktemp("captions-only")
     pixels, _ = load_fashion_mnist("train")
     schema = pa.schema(

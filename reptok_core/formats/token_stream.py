@@ -1,4 +1,4 @@
-"""Stage-2 training batches streamed from a token Parquet (DESIGN §3) too large for memory.
+"""Stage-2 training batches streamed from a token Parquet (DESIGN.md §3.2) too large for memory.
 
 Each epoch puts the row groups of the manifest's parts in a (seed, epoch) order that every rank
 computes alike; laid end to end they form one sequence of rows, of which rank r takes the r-th of

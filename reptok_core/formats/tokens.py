@@ -1,4 +1,4 @@
-"""The token Parquet (DESIGN §3): layout, writing one part, reading it back, caption cache.
+"""The token Parquet (DESIGN.md §3.2): layout, writing one part, reading it back, caption cache.
 
     <prefix>/part-00000-<fp>.parquet   id, label, caption, token: fixed_size_list<float32>[D]
                                        (+ token_flip, the mirrored image's token, when asked)

@@ -1,4 +1,4 @@
-"""Stage 0 without Ray: raw images -> the images Parquet of DESIGN.md §3.
+"""Data preparation without Ray: raw images -> the images Parquet of DESIGN.md §3.1.
 
 Output under `output.uri` (local folder or s3://bucket/prefix):
     part-NNNNN-<hash>-K.parquet  image rows (or train/ and val/ sub-prefixes when

@@ -27,7 +27,7 @@ ROW_GROUP_ROWS = 256  # ~30 MB of 256-px PNGs: big enough for fast scans, small 
 
 
 def images_schema(latent_size: int = 0) -> pa.Schema:
-    """The images Parquet of DESIGN.md §3 (plus `vae_latent` when latent_size > 0)."""
+    """The images Parquet of DESIGN.md §3.1 (plus `vae_latent` when latent_size > 0)."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("image", pa.binary(), nullable=False),
