@@ -57,7 +57,7 @@ def make_task(preset: str, rows: int, device: torch.device, kind: str = "class",
 
 
 def stepper(task: GeneratorTask, device: torch.device, graph: bool):
-    """(step(batch, lr) -> outputs, ema) as train_loop builds them."""
+    """(step(batch, lr) -> outputs, ema) as the training loop (reptok_core/training/loop.py) builds them."""
     opt = build_optimizer(task.model.parameters(), OPTIM, device)
     ema = EMA(task.model, 0.999)
     kw = dict(grad_clip=1.0, device=device, precision="bf16", ema=ema)

@@ -106,7 +106,7 @@ def _lpips(cfg: ReconSettings, device: Any) -> Any | None:
 
 def heldout_images(uri: str, n: int, image_size: int) -> dict[str, Any]:
     """The first `n` held-out images (by id, so always the same ones) at the model's resolution."""
-    from pipelines.image_data import heldout_batch
+    from reptok_core.formats.image_parquet import heldout_batch
 
     real = heldout_batch(uri, n)
     if real["image"].shape[1] != image_size:

@@ -4,7 +4,7 @@
     python pipelines/train_generator.py --config configs/generator/tiny.yaml model.kind=text data.train=...
     ray job submit --working-dir . -- python pipelines/train_generator.py --config configs/generator/paper.yaml ...
 
-Same loop, checkpoints, resume, fault drill, MLflow and export as stage 1 (pipelines/train_loop.py).
+Same loop, checkpoints, resume, fault drill, MLflow and export as stage 1 (reptok_core/training/loop.py).
 Each worker holds the whole token set in memory when it fits `data.memory_budget_gb` and streams
 its share from storage otherwise (reptok_core/formats/token_stream.py; `data.in_memory` forces either);
 tokens are normalised by the manifest's statistics either way, and text generators read the
@@ -24,17 +24,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from pipelines import common, model_uri, ray_trainer, train_loop  # noqa: E402
+from pipelines import common, model_uri, stage  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
 from reptok_core.formats import tokens as token_data  # noqa: E402
 from reptok_core.models.generator import GeneratorConfig  # noqa: E402
+from reptok_core.training.loop import LoopConfig  # noqa: E402
 from reptok_core.training.optim import OptimConfig  # noqa: E402
 
 
 @dataclass
-class DataSettings:
-    train: str = opt("", "token Parquet prefix to train on (output of encode_tokens)")
-    val: str = opt("", "held-out token Parquet for evaluation ('' = the first rows of data.train)")
+class DataSettings(stage.DataSettings):
     tokenizer: str = opt(
         "",
         "tokenizer whose decoder draws the sample grids: export folder or models:/NAME@ALIAS "
@@ -71,9 +70,11 @@ class EvalSettings:
 @dataclass
 class TrainGeneratorConfig:
     model: GeneratorConfig = section(GeneratorConfig, "the generator and its sampling defaults")
-    data: DataSettings = section(DataSettings, "input tokens")
+    data: DataSettings = section(
+        DataSettings, "input tokens: token Parquet prefixes from encode_tokens"
+    )
     eval: EvalSettings = section(EvalSettings, "gFID during training (loop.eval_every)")
-    loop: train_loop.LoopConfig = section(train_loop.LoopConfig, "training loop")
+    loop: LoopConfig = section(LoopConfig, "training loop")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule, clipping, EMA")
     run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
     init_from: str = opt(
@@ -189,9 +190,9 @@ def training_fid(cfg: TrainGeneratorConfig, num_classes: int, decoder: Any, devi
 
 
 def main(argv: list[str] | None = None) -> str:
-    cfg = common.parse_cli(TrainGeneratorConfig, argv, __doc__)
-    if not cfg.data.train:
-        raise SystemExit("error: data.train is required (a token Parquet from encode_tokens)")
+    cfg = stage.parse(
+        TrainGeneratorConfig, argv, __doc__, data="a token Parquet from encode_tokens"
+    )
     manifest = token_data.read_manifest(cfg.data.train)
     cache = token_data.read_caption_cache(cfg.data.train) if cfg.model.kind == "text" else None
     captions = cache[0] if cache else None  # the driver keeps the names, workers the states
@@ -212,20 +213,17 @@ def main(argv: list[str] | None = None) -> str:
     streamed = streams_tokens(cfg.data, manifest)
     where = "streamed from storage" if streamed else "held in memory"
     print(f"[data] {manifest['rows']} tokens, {where} by each worker", flush=True)
-    common.init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
-    use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
     tags = {
         "reptok.tokens": cfg.data.train,
         "reptok.encode_run_id": manifest.get("mlflow_run_id") or "",
         "reptok.tokenizer_run_id": manifest.get("tokenizer_run_id") or "",
     }
-    run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="generator", tags=tags)
-    tracking_uri = common.mlflow_uri(cfg.run)
+    run = stage.start(cfg, "generator", tags=tags)
+    tracking_uri = run.tracking_uri
     held_out = token_data.load_tokens(cfg.data.val or cfg.data.train, limit=cfg.loop.eval_images)
     eval_batch = batch_arrays(held_out, cfg.model.kind, caption_list)
     eval_batch.pop("token_flip", None)
-    out_uri = common.export_uri(cfg.run)
-    run_dir = common.run_dir(cfg.run)
+    out_uri = run.export_uri
     # A fine-tuned generator keeps the normalisation its weights were trained with.
     normalizer = (
         init.normalizer
@@ -236,7 +234,7 @@ def main(argv: list[str] | None = None) -> str:
     del init
     encode_cfg = manifest.get("config", {}).get("encode", {})
     lineage = {
-        "mlflow_run_id": run_id,
+        "mlflow_run_id": run.run_id,
         "tokens": cfg.data.train,
         "tokenizer": manifest["tokenizer"],
         "tokenizer_run_id": manifest.get("tokenizer_run_id"),
@@ -244,7 +242,7 @@ def main(argv: list[str] | None = None) -> str:
         "text_max_length": encode_cfg.get("text_max_length"),
     }
 
-    def task_factory(device):
+    def make_task(device):
         import torch
 
         from pipelines.encode_tokens import resolve_export
@@ -290,31 +288,12 @@ def main(argv: list[str] | None = None) -> str:
             init_state=init_state,
         )
 
-    def train_fn(_: dict) -> None:
+    def export(state: dict) -> None:
         from reptok_core.exports.generator import export_generator
 
-        train_loop.run(
-            task_factory,
-            cfg.loop,
-            cfg.optim,
-            eval_batch=eval_batch,
-            run_id=run_id,
-            tracking_uri=tracking_uri,
-            export_fn=lambda state: export_generator(
-                state, cfg.model, normalizer, out_uri, lineage
-            ),
-            run_dir=run_dir,
-            local_batches=True,
-        )
+        export_generator(state, cfg.model, normalizer, out_uri, lineage)
 
-    return ray_trainer.fit(
-        train_fn,
-        cfg,
-        run_id=run_id,
-        use_gpu=use_gpu,
-        export_uri=out_uri,
-        artifact="generator",
-    )
+    return run.fit(make_task, export, eval_batch=eval_batch)
 
 
 if __name__ == "__main__":

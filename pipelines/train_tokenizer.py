@@ -15,16 +15,12 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines import common, image_data, model_uri, ray_trainer, train_loop  # noqa: E402
+from pipelines import common, image_data, model_uri, stage  # noqa: E402
 from reptok_core.config import from_dict, opt, section  # noqa: E402
+from reptok_core.formats.image_parquet import heldout_batch  # noqa: E402
 from reptok_core.models.tokenizer import TokenizerConfig  # noqa: E402
+from reptok_core.training.loop import LoopConfig  # noqa: E402
 from reptok_core.training.optim import OptimConfig  # noqa: E402
-
-
-@dataclass
-class DataSettings:
-    train: str = opt("", "images Parquet prefix to train on (output of prepare_data)")
-    val: str = opt("", "held-out images Parquet for evaluation ('' = the first rows of data.train)")
 
 
 @dataclass
@@ -32,8 +28,10 @@ class TrainTokenizerConfig:
     model: TokenizerConfig = section(
         TokenizerConfig, "the tokenizer (encoder, decoder, latent space, flow)"
     )
-    data: DataSettings = section(DataSettings, "input data")
-    loop: train_loop.LoopConfig = section(train_loop.LoopConfig, "training loop")
+    data: stage.DataSettings = section(
+        stage.DataSettings, "input data: images Parquet prefixes from prepare_data"
+    )
+    loop: LoopConfig = section(LoopConfig, "training loop")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule, clipping, EMA")
     run: common.RunSettings = section(common.RunSettings, "run name, storage, workers, MLflow")
     init_from: str = opt(
@@ -45,13 +43,9 @@ class TrainTokenizerConfig:
 
 
 def main(argv: list[str] | None = None) -> str:
-    cfg = common.parse_cli(TrainTokenizerConfig, argv, __doc__)
-    if not cfg.data.train:
-        raise SystemExit(
-            "error: data.train is required (an images Parquet prefix from prepare_data)"
-        )
-    common.init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
-    use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
+    cfg = stage.parse(
+        TrainTokenizerConfig, argv, __doc__, data="an images Parquet prefix from prepare_data"
+    )
     tracking_uri = common.mlflow_uri(cfg.run)
     vae_config = None
     if cfg.init_from:
@@ -61,39 +55,24 @@ def main(argv: list[str] | None = None) -> str:
         meta = read_tokenizer_meta(model_uri.resolve(cfg.init_from, tracking_uri).folder)
         cfg.model = finetune_config(cfg.model, from_dict(TokenizerConfig, meta["config"]))
         vae_config = meta.get("vae_config")
-    run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="tokenizer")
-    eval_batch = image_data.heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
-    train_ds = image_data.train_dataset(cfg.data.train)
-    out_uri = common.export_uri(cfg.run)
-    run_dir = common.run_dir(cfg.run)
+    run = stage.start(cfg, "tokenizer")
+    eval_batch = heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
+    out_uri = run.export_uri
 
-    def train_fn(_: dict) -> None:
-        from reptok_core.exports.tokenizer import export_tokenizer
+    def make_task(device):
         from reptok_core.stages.tokenizer import TokenizerTask
 
         # Resolved again here: a registry download on the driver is not on the worker's node.
         init = model_uri.resolve(cfg.init_from, tracking_uri).folder if cfg.init_from else ""
-        train_loop.run(
-            lambda device: TokenizerTask(cfg.model, device, init_from=init),
-            cfg.loop,
-            cfg.optim,
-            eval_batch=eval_batch,
-            run_id=run_id,
-            tracking_uri=tracking_uri,
-            export_fn=lambda state: export_tokenizer(
-                state, cfg.model, out_uri, {"mlflow_run_id": run_id}, vae_config
-            ),
-            run_dir=run_dir,
-        )
+        return TokenizerTask(cfg.model, device, init_from=init)
 
-    return ray_trainer.fit(
-        train_fn,
-        cfg,
-        run_id=run_id,
-        use_gpu=use_gpu,
-        export_uri=out_uri,
-        artifact="tokenizer",
-        datasets={"train": train_ds},
+    def export(state: dict) -> None:
+        from reptok_core.exports.tokenizer import export_tokenizer
+
+        export_tokenizer(state, cfg.model, out_uri, {"mlflow_run_id": run.run_id}, vae_config)
+
+    return run.fit(
+        make_task, export, eval_batch=eval_batch, dataset=image_data.train_dataset(cfg.data.train)
     )
 
 

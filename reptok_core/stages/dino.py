@@ -430,7 +430,7 @@ class ProbeSet:
 
 
 class DinoTask:
-    """The `pipelines/train_loop.py` task interface for stage 0.
+    """The training-loop task (reptok_core/training/loop.py) of stage 0.
 
     The loop's own EMA tracks the student and is harmless here; what matters is `after_step`,
     which moves the teacher after every optimiser step, and the teacher is what is exported.

@@ -26,21 +26,11 @@ import torch
 from reptok_core import flow
 from reptok_core.formats.token_stats import TokenNormalizer
 from reptok_core.models.generator import GeneratorConfig, build_model, sample_tokens
-from reptok_core.training.distributed import shard_blocks, world
+from reptok_core.training.batches import TensorBatches
+from reptok_core.training.distributed import shard_blocks
 
 if TYPE_CHECKING:  # gfid imports this module for sample_tokens
     from reptok_core.evaluation.gfid import TrainingFid
-
-
-def batches_per_rank(rows: int, batch_size: int, world_size: int) -> int:
-    """Batches each rank takes per epoch: the same on every rank, since rank 0's position in the
-    epoch is the one a checkpoint keeps for all."""
-    count = rows // world_size // batch_size
-    if count == 0:
-        raise ValueError(
-            f"{rows} tokens over {world_size} workers is fewer than one batch of {batch_size}"
-        )
-    return count
 
 
 def finetune_generator_config(
@@ -107,21 +97,14 @@ class GeneratorTask:
         return list(self.model.blocks)
 
     def epoch_batches(self, epoch: int, batch_size: int, seed: int):
-        """This rank's batches of one epoch: from the stream, or from the in-memory set as a
-        (seed, epoch) permutation split across ranks, so a resumed run can skip exactly the
-        batches already seen."""
+        """This rank's batches of one epoch: from the stream, or from the in-memory set
+        (training/batches.TensorBatches), so a resumed run can skip exactly the batches already
+        seen."""
         if self.stream is not None:
-            yield from self.stream.epoch_batches(epoch, batch_size, seed)
-            return
+            return self.stream.epoch_batches(epoch, batch_size, seed)
         if self.data is None:
             raise ValueError("GeneratorTask was built without training data")
-        rank, world_size = world()
-        n = self.data["token"].shape[0]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        mine = order[rank::world_size]
-        for i in range(batches_per_rank(n, batch_size, world_size)):
-            idx = mine[i * batch_size : (i + 1) * batch_size]
-            yield {k: v[idx] for k, v in self.data.items()}
+        return TensorBatches(self.data, batch_size, seed).epoch(epoch)
 
     def _tokens(self, batch: dict[str, Any], flip: bool) -> torch.Tensor:
         z = torch.as_tensor(batch["token"]).to(self.device).float()
