@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import common, image_data, model_uri, ray_trainer, train_loop  # noqa: E402
 from reptok_core.config import from_dict, opt, section  # noqa: E402
+from reptok_core.formats import images  # noqa: E402
 from reptok_core.models.tokenizer import TokenizerConfig  # noqa: E402
 from reptok_core.training.optim import OptimConfig  # noqa: E402
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> str:
         cfg.model = finetune_config(cfg.model, from_dict(TokenizerConfig, meta["config"]))
         vae_config = meta.get("vae_config")
     run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="tokenizer")
-    eval_batch = image_data.heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
+    eval_batch = images.heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
     train_ds = image_data.train_dataset(cfg.data.train)
     out_uri = common.export_uri(cfg.run)
     run_dir = common.run_dir(cfg.run)

@@ -1,4 +1,5 @@
-"""Stage-2 training batches streamed from a token Parquet (DESIGN §3) too large for memory.
+"""Stage-2 training batches streamed from a token Parquet too large for memory (DESIGN.md §3;
+read through tokens.py).
 
 Each epoch puts the row groups of the manifest's parts in a (seed, epoch) order that every rank
 computes alike; laid end to end they form one sequence of rows, of which rank r takes the r-th of
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from reptok_core.formats import tokens as token_data
+from reptok_core.formats import tokens
 from reptok_core.stages.generator import batches_per_rank
 
 Arrays = dict[str, np.ndarray]
@@ -30,7 +31,7 @@ Arrays = dict[str, np.ndarray]
 class TokenStream:
     """This rank's batches of a token Parquet, epoch by epoch, read from storage (local or S3).
 
-    `convert` turns `token_data.table_arrays` rows into the numeric batch columns the task reads
+    `convert` turns `tokens.table_arrays` rows into the numeric batch columns the task reads
     (train_generator.batch_arrays).
     """
 
@@ -42,12 +43,12 @@ class TokenStream:
         rank: int,
         world_size: int,
     ):
-        manifest = token_data.read_manifest(uri)
+        manifest = tokens.read_manifest(uri)
         self.dim = manifest["dim"]
         self.convert = convert
         self.shuffle_buffer = shuffle_buffer
         self.rank, self.world_size = rank, world_size
-        dataset = token_data.parts_dataset(uri, manifest)
+        dataset = tokens.parts_dataset(uri, manifest)
         self.row_groups = [g for part in dataset.get_fragments() for g in part.split_by_row_group()]
         self.sizes = np.array([g.row_groups[0].num_rows for g in self.row_groups])
         self.rows = int(self.sizes.sum())
@@ -74,7 +75,7 @@ class TokenStream:
     def _read(self, piece: tuple[int, int, int]) -> Arrays:
         g, first, end = piece
         table = self.row_groups[g].to_table().slice(first, end - first)
-        return self.convert(token_data.table_arrays(table, self.dim))
+        return self.convert(tokens.table_arrays(table, self.dim))
 
 
 def _read_ahead(read: Callable[[Any], Arrays], pieces: list) -> Iterator[Arrays]:
