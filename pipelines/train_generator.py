@@ -10,7 +10,8 @@ its share from storage otherwise (reptok_core/formats/token_stream.py; `data.in_
 tokens are normalised by the manifest's statistics either way, and text generators read the
 cached caption states, so no encoder runs per step. With `eval.fid_samples` set, every
 evaluation also measures gFID against a held-out images Parquet (the protocol of
-reptok_core/evaluation/protocol.py). Re-running the same command (same run.name and run.storage) resumes.
+reptok_core/evaluation/protocol.py). Re-running the same command (same run.name and run.storage)
+resumes.
 """
 
 from __future__ import annotations

@@ -114,12 +114,12 @@ def import_graph() -> Graph:
     return graph
 
 
-def chains_to(start: str, bad: Callable[[str], bool]) -> list[str]:
+def chains_to(graph: Graph, start: str, bad: Callable[[str], bool]) -> list[str]:
     """The shortest import chain from `start` to each module `bad` accepts, through repository
-    modules, as "a (path:line) -> b (path:line) -> c"."""
-    graph = import_graph()
+    modules, as "a (path:line) -> b (path:line) -> c". A package whose module is reported as
+    well (`c` beside `c.d`) is left out: the module says more."""
     parent: dict[str, str | None] = {start: None}
-    queue, chains = deque([start]), []
+    queue, found = deque([start]), []
     while queue:
         module = queue.popleft()
         for target in graph.get(module, {}):
@@ -127,19 +127,24 @@ def chains_to(start: str, bad: Callable[[str], bool]) -> list[str]:
                 continue
             parent[target] = module
             if bad(target):
-                links = [target]
-                while parent[links[-1]] is not None:
-                    links.append(parent[links[-1]])
-                links.reverse()
-                hops = [f"{a} ({graph[a][b]})" for a, b in zip(links, links[1:], strict=False)]
-                chains.append(" -> ".join([*hops, target]))
+                found.append(target)
             elif target in graph:
                 queue.append(target)
+    chains = []
+    for target in found:
+        if any(other.startswith(target + ".") for other in found):
+            continue
+        links = [target]
+        while parent[links[-1]] is not None:
+            links.append(parent[links[-1]])
+        links.reverse()
+        hops = [f"{a} ({graph[a][b]})" for a, b in zip(links, links[1:], strict=False)]
+        chains.append(" -> ".join([*hops, target]))
     return chains
 
 
 def _violations(starts: list[str], bad: Callable[[str], bool]) -> list[str]:
-    return [c for m in starts for c in chains_to(m, bad)]
+    return [c for m in starts for c in chains_to(import_graph(), m, bad)]
 
 
 def _modules(prefixes: tuple[str, ...]) -> list[str]:
@@ -172,6 +177,18 @@ def test_graph_sees_the_repository():
     assert {"pipelines.demo", "pipelines.serve", "pipelines.train_generator"} <= set(entry_points())
 
 
+def test_a_failure_names_the_import_chain():
+    graph = {
+        "a": {"b": "a.py:3", "x": "a.py:4"},
+        "b": {"c": "b.py:7", "c.d": "b.py:7"},
+        "c": {},
+        "c.d": {},
+        "x": {},
+    }
+    assert chains_to(graph, "a", lambda m: m.startswith("c")) == ["a (a.py:3) -> b (b.py:7) -> c.d"]
+    assert chains_to(graph, "a", lambda m: m == "nothing") == []
+
+
 def test_core_never_imports_ray_mlflow_or_pipelines():
     def bad(m: str) -> bool:
         return m.split(".")[0] in ("ray", "mlflow", "pipelines")
@@ -197,7 +214,8 @@ def test_core_modules_import_without_ray_or_mlflow():
 def test_only_the_demo_imports_another_entry_point():
     points = set(entry_points())
     starts = [m for m in _modules(("pipelines",)) if m != "pipelines.demo"]
-    chains = [c for m in starts for c in chains_to(m, lambda t, m=m: t in points and t != m)]
+    graph = import_graph()
+    chains = [c for m in starts for c in chains_to(graph, m, lambda t, m=m: t in points and t != m)]
     _fail("a pipelines module other than demo.py imports an entry point", chains)
 
 
