@@ -106,6 +106,11 @@ def export_uri(run: RunSettings) -> str:
     return storage.join(run_dir(run), "export")
 
 
+def fid_cache_dir(run: RunSettings) -> str:
+    """The default reference-statistics cache of a run store, shared by evaluate and training."""
+    return storage.join(run.storage, "fid-cache")
+
+
 def ray_storage(run: RunSettings) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for ray.train.RunConfig, S3 endpoint included."""
     if storage.is_s3(run.storage):

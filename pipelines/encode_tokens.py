@@ -9,7 +9,8 @@ when the cluster has one) and turns one input Parquet file into one output part,
 atomically with a completion marker. A re-run skips finished parts, so a run killed half-way
 completes with exactly one row per id; `_manifest.json` (D, per-dimension mean / std, rows,
 tokenizer lineage) is written last. With `encode.text_encoder` set, the states of every distinct
-caption are computed once and cached beside the tokens.
+caption are computed once and cached beside the tokens. The format itself, part names and
+markers included, is reptok_core/formats/tokens.py.
 """
 
 from __future__ import annotations
@@ -33,10 +34,8 @@ import torch  # noqa: E402
 from pipelines import common, model_uri  # noqa: E402
 from reptok_core import storage  # noqa: E402
 from reptok_core.config import opt, section, to_dict  # noqa: E402
-from reptok_core.formats import tokens as token_data  # noqa: E402
-from reptok_core.formats.token_stats import RunningStats  # noqa: E402
-
-FORMAT = "reptok-tokens/1"
+from reptok_core.formats import tokens  # noqa: E402
+from reptok_core.formats.images import data_files  # noqa: E402
 
 
 @dataclass
@@ -74,19 +73,6 @@ class EncodeConfig:
     )
 
 
-def resolve_export(spec: str, tracking_uri: str, config_file: str) -> tuple[str, str | None]:
-    """(folder, MLflow run id of the training run) of an export folder or a models:/ reference.
-
-    Registry references are downloaded by pipelines.model_uri (on whichever node calls this);
-    the run id is the one the training stage wrote into the export's config JSON.
-    """
-    folder = model_uri.resolve(spec, tracking_uri).folder
-    path = storage.join(folder, config_file)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{path} not found: {spec!r} is not an export folder")
-    return folder, json.loads(storage.read_bytes(path)).get("mlflow_run_id")
-
-
 class _EncodeOnlySpace(torch.nn.Module):
     """Stands in for the SD-VAE when only the encoder is used: shapes, no weights, no download."""
 
@@ -98,7 +84,7 @@ class _EncodeOnlySpace(torch.nn.Module):
 def load_encoder(spec: str, tracking_uri: str, device: torch.device) -> torch.nn.Module:
     from reptok_core.exports.tokenizer import EXPORT_CONFIG, load_tokenizer
 
-    uri, _ = resolve_export(spec, tracking_uri, EXPORT_CONFIG)
+    uri, _ = model_uri.resolve_export(spec, tracking_uri, EXPORT_CONFIG)
     cfg = json.loads(storage.read_bytes(storage.join(uri, EXPORT_CONFIG)))["config"]
     space = None
     if cfg["latent"]["kind"] != "pixel":
@@ -147,53 +133,16 @@ class PartEncoder:
             images = np.stack(
                 list(self.decoders.map(decode_rgb, table.column("image").to_pylist()))
             )
-            tokens = self._encode(images, flip=False)
+            encoded = self._encode(images, flip=False)
             flipped = self._encode(images, flip=True) if self.s.flip else None
             ids = table.column("id").to_pylist()
-            out = token_data.tokens_table(ids, labels, captions, tokens, flipped)
-            token_data.write_table_atomic(storage.join(self.s.output, f"{part}.parquet"), out)
-            stats = RunningStats(tokens.shape[1])
-            stats.update(torch.from_numpy(tokens))
-            marker = {
-                "rows": n,
-                "mean": stats.mean.tolist(),
-                "m2": stats.m2.tolist(),
-                "max_label": max((v for v in labels if v is not None), default=-1),
-                "captioned": sum(c is not None for c in captions),
-            }
-            # The marker is the part's commit: written only after the part itself.
-            storage.write_bytes_atomic(_marker(self.s.output, part), json.dumps(marker).encode())
+            tokens.write_part(self.s.output, part, ids, labels, captions, encoded, flipped)
             rows.append((part, n, time.time() - t0))
         return {
             "part": np.array([r[0] for r in rows]),
             "rows": np.array([r[1] for r in rows]),
             "seconds": np.array([r[2] for r in rows]),
         }
-
-
-def _marker(output: str, part: str) -> str:
-    return storage.join(output, token_data.PARTS_DIR, f"{part}.json")
-
-
-def input_files(images: str) -> list[str]:
-    files = [
-        f
-        for f in storage.list_files(images, ".parquet")
-        if "/rejects/" not in f and not f.rsplit("/", 1)[-1].startswith("_")
-    ]
-    if not files:
-        raise SystemExit(f"error: no Parquet files under encode.images={images!r}")
-    return files
-
-
-def plan_parts(s: EncodeSettings, files: list[str], tokenizer_id: str) -> list[dict[str, str]]:
-    """One output part per input file; names carry a fingerprint of everything that shapes them,
-    so a changed input or tokenizer never reuses a stale part."""
-    fs, _ = storage.filesystem(files[0])
-    sizes = [fs.get_file_info(storage.filesystem(f)[1]).size for f in files]
-    key = json.dumps([tokenizer_id, s.flip, [[f, z] for f, z in zip(files, sizes, strict=True)]])
-    fp = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
-    return [{"input": f, "part": f"part-{i:05d}-{fp}"} for i, f in enumerate(files)]
 
 
 def _worker_env() -> dict[str, Any]:
@@ -214,7 +163,7 @@ def _encode_captions_task(s: EncodeSettings, captions: list[str]) -> None:
         st, m = enc(captions[i : i + 256])
         states.append(st.float().cpu())
         masks.append(m.cpu())
-    token_data.write_caption_cache(
+    tokens.write_caption_cache(
         s.output, captions, torch.cat(states), torch.cat(masks), s.text_encoder
     )
 
@@ -233,7 +182,7 @@ def cache_captions(s: EncodeSettings, files: list[str], use_gpu: bool) -> dict[s
     captions = sorted(unique)
     if not captions:
         raise SystemExit(f"error: encode.text_encoder is set but {s.images!r} has no captions")
-    cached = token_data.read_caption_cache(s.output)
+    cached = tokens.read_caption_cache(s.output)
     if cached and cached[0]["encoder"] == s.text_encoder and cached[0]["captions"] == captions:
         print(f"[encode] caption states: {len(captions)} already cached", flush=True)
     else:
@@ -280,46 +229,6 @@ def run_parts(s: EncodeSettings, todo: list[dict], tracking_uri: str, use_gpu: b
     return images
 
 
-def write_manifest(s: EncodeSettings, plan: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
-    stats, rows, max_label, captioned = None, 0, -1, 0
-    for p in plan:
-        m = json.loads(storage.read_bytes(_marker(s.output, p["part"])))
-        stats = stats or RunningStats(len(m["mean"]))
-        stats.merge(m["rows"], torch.tensor(m["mean"]), torch.tensor(m["m2"]))
-        rows += m["rows"]
-        max_label = max(max_label, m["max_label"])
-        captioned += m["captioned"]
-    manifest = {
-        "format": FORMAT,
-        "images": s.images,
-        "dim": int(stats.mean.numel()),
-        "rows": rows,
-        "mean": stats.mean.tolist(),
-        "std": stats.std.tolist(),
-        "num_classes": max_label + 1,
-        "captioned_rows": captioned,
-        "flip": s.flip,
-        "parts": [f"{p['part']}.parquet" for p in plan],
-        **extra,
-    }
-    storage.write_bytes_atomic(
-        storage.join(s.output, token_data.MANIFEST), json.dumps(manifest, indent=1).encode()
-    )
-    return manifest
-
-
-def remove_stale(output: str, plan: list[dict]) -> int:
-    """Parts / markers of an earlier, different plan (another tokenizer or input): not ours now."""
-    keep = {p["part"] for p in plan}
-    n = 0
-    for f in storage.list_files(output):
-        name = f.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        if name.startswith("part-") and name not in keep:
-            storage.delete(f)
-            n += 1
-    return n
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = common.parse_cli(EncodeConfig, argv, __doc__)
     s = cfg.encode
@@ -333,16 +242,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     use_gpu = common.resolve_use_gpu(cfg.run.use_gpu)
     tracking_uri = common.mlflow_uri(cfg.run)
-    tok_uri, tok_run = resolve_export(s.tokenizer, tracking_uri, EXPORT_CONFIG)
+    tok_uri, tok_run = model_uri.resolve_export(s.tokenizer, tracking_uri, EXPORT_CONFIG)
     tags = {"reptok.tokenizer": s.tokenizer, "reptok.tokenizer_run_id": tok_run or ""}
     run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="encode", tags=tags)
-    files = input_files(s.images)
+    try:
+        files = data_files(s.images)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: encode.images: {e}") from None
     tok_id = (
         tok_run
         or hashlib.blake2b(storage.read_bytes(storage.join(tok_uri, EXPORT_CONFIG))).hexdigest()
     )
-    plan = plan_parts(s, files, tok_id)
-    todo = [p for p in plan if not storage.exists(_marker(s.output, p["part"]))]
+    plan = tokens.plan_parts(files, tok_id, s.flip)
+    parts = [p["part"] for p in plan]
+    todo = [p for p in plan if not tokens.part_done(s.output, p["part"])]
     print(
         f"[encode] {len(files)} input files: {len(plan) - len(todo)} parts done, {len(todo)} to go"
         f" ({'GPU' if use_gpu else 'CPU'} actors, pool {s.min_actors}..{s.max_actors})",
@@ -352,18 +265,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         captions = cache_captions(s, files, use_gpu)
         images = run_parts(s, todo, tracking_uri, use_gpu) if todo else 0
-        extra = {
+        lineage = {
             "tokenizer": s.tokenizer,
             "tokenizer_run_id": tok_run,
             "mlflow_run_id": run_id,
             "captions": captions,
             "config": to_dict(cfg),
         }
-        manifest = write_manifest(s, plan, extra)
+        manifest = tokens.write_manifest(s.output, parts, s.images, s.flip, lineage)
     except Exception:
         common.finish_mlflow_run(cfg.run, run_id, "FAILED")
         raise
-    removed = remove_stale(s.output, plan)
+    removed = tokens.remove_stale(s.output, parts)
     seconds = time.time() - t0
     client = mlflow.MlflowClient(tracking_uri)
     metrics = {"rows": manifest["rows"], "encoded_images": images, "seconds": seconds}

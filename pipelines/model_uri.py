@@ -1,4 +1,5 @@
-"""Model references used by Serve and evaluation: an export folder or an MLflow registry entry.
+"""Model references used by the stages, Serve and evaluation: an export folder or an MLflow
+registry entry.
 
     runs/tokenizer-tiny/export            a folder written by export_tokenizer / export_generator
     s3://bucket/runs/t1/export            the same on S3
@@ -12,11 +13,13 @@ artifact folder, see common.register_export), so core loaders only ever see plai
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 
+from reptok_core import storage
 from reptok_core.weights import resolve_builtin
 
 _MODELS = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -81,3 +84,16 @@ def resolve(uri: str, mlflow_uri: str = "", cache_dir: str | None = None) -> Res
         artifact_uri=source, dst_path=dst, tracking_uri=tracking_uri(mlflow_uri)
     )
     return ResolvedModel(uri, folder, version)
+
+
+def resolve_export(spec: str, mlflow_uri: str, config_file: str) -> tuple[str, str | None]:
+    """(folder, MLflow run id of the training run) of an export folder or a models:/ reference.
+
+    Registry references are downloaded (on whichever node calls this); the run id is the one the
+    training stage wrote into the export's `config_file`.
+    """
+    folder = resolve(spec, mlflow_uri).folder
+    path = storage.join(folder, config_file)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path} not found: {spec!r} is not an export folder")
+    return folder, json.loads(storage.read_bytes(path)).get("mlflow_run_id")

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import common, image_data, stage  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
-from reptok_core.formats.image_parquet import heldout_batch  # noqa: E402
+from reptok_core.formats import images  # noqa: E402
 from reptok_core.stages.dino import DinoConfig  # noqa: E402
 from reptok_core.training.loop import LoopConfig  # noqa: E402
 from reptok_core.training.optim import OptimConfig  # noqa: E402
@@ -55,7 +55,7 @@ class PretrainEncoderConfig:
 
 
 def _labelled(uri: str, n: int) -> dict | None:
-    batch = heldout_batch(uri, n)
+    batch = images.heldout_batch(uri, n)
     if "label" not in batch or (batch["label"] < 0).any():
         return None
     return batch

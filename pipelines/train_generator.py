@@ -10,7 +10,8 @@ its share from storage otherwise (reptok_core/formats/token_stream.py; `data.in_
 tokens are normalised by the manifest's statistics either way, and text generators read the
 cached caption states, so no encoder runs per step. With `eval.fid_samples` set, every
 evaluation also measures gFID against a held-out images Parquet (the protocol of
-pipelines/evaluate.py). Re-running the same command (same run.name and run.storage) resumes.
+reptok_core/evaluation/protocol.py). Re-running the same command (same run.name and run.storage)
+resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from pipelines import common, model_uri, stage  # noqa: E402
 from reptok_core.config import opt, section  # noqa: E402
-from reptok_core.formats import tokens as token_data  # noqa: E402
+from reptok_core.formats import tokens  # noqa: E402
 from reptok_core.models.generator import GeneratorConfig  # noqa: E402
 from reptok_core.training.loop import LoopConfig  # noqa: E402
 from reptok_core.training.optim import OptimConfig  # noqa: E402
@@ -137,7 +138,7 @@ def batch_arrays(
             raise ValueError("some token rows have no label; a class-conditional model needs all")
         out["label"] = data["label"]
     else:
-        out["caption_idx"] = token_data.caption_index(data["caption"], captions or [])
+        out["caption_idx"] = tokens.caption_index(data["caption"], captions or [])
     return out
 
 
@@ -166,7 +167,7 @@ def check_fid(cfg: TrainGeneratorConfig, tokenizer: str) -> None:
 def training_fid(cfg: TrainGeneratorConfig, num_classes: int, decoder: Any, device: Any) -> Any:
     """A worker's gFID probe: Inception on every rank; the reference statistics on rank 0 only,
     computed once and cached where pipelines/evaluate.py caches them (under run.storage)."""
-    from pipelines import evaluate
+    from reptok_core.evaluation import protocol
     from reptok_core.evaluation.fid import InceptionFeatures
     from reptok_core.evaluation.gfid import TrainingFid
     from reptok_core.training.distributed import world
@@ -175,14 +176,14 @@ def training_fid(cfg: TrainGeneratorConfig, num_classes: int, decoder: Any, devi
     net = InceptionFeatures().to(device)
     reference = None
     if world()[0] == 0:
-        real = evaluate.heldout_images(
+        real = protocol.heldout_images(
             e.fid_reference, e.fid_reference_images, decoder.cfg.image_size
         )
-        reference = evaluate.reference_stats(
+        reference = protocol.reference_stats(
             e.fid_reference,
             real["image"],
             net,
-            evaluate.fid_cache_dir(cfg.run),
+            common.fid_cache_dir(cfg.run),
             "gen",
             cfg.loop.batch_size,
         )
@@ -193,8 +194,8 @@ def main(argv: list[str] | None = None) -> str:
     cfg = stage.parse(
         TrainGeneratorConfig, argv, __doc__, data="a token Parquet from encode_tokens"
     )
-    manifest = token_data.read_manifest(cfg.data.train)
-    cache = token_data.read_caption_cache(cfg.data.train) if cfg.model.kind == "text" else None
+    manifest = tokens.read_manifest(cfg.data.train)
+    cache = tokens.read_caption_cache(cfg.data.train) if cfg.model.kind == "text" else None
     captions = cache[0] if cache else None  # the driver keeps the names, workers the states
     del cache
     init = None
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> str:
     }
     run = stage.start(cfg, "generator", tags=tags)
     tracking_uri = run.tracking_uri
-    held_out = token_data.load_tokens(cfg.data.val or cfg.data.train, limit=cfg.loop.eval_images)
+    held_out = tokens.load_tokens(cfg.data.val or cfg.data.train, limit=cfg.loop.eval_images)
     eval_batch = batch_arrays(held_out, cfg.model.kind, caption_list)
     eval_batch.pop("token_flip", None)
     out_uri = run.export_uri
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> str:
     normalizer = (
         init.normalizer
         if init is not None
-        else token_data.normalizer_from_manifest(manifest, cfg.model.token_scale)
+        else tokens.normalizer_from_manifest(manifest, cfg.model.token_scale)
     )
     init_folder = cfg.init_from
     del init
@@ -245,7 +246,6 @@ def main(argv: list[str] | None = None) -> str:
     def make_task(device):
         import torch
 
-        from pipelines.encode_tokens import resolve_export
         from reptok_core.exports.generator import load_generator
         from reptok_core.exports.tokenizer import EXPORT_CONFIG, load_tokenizer
         from reptok_core.formats.token_stream import TokenStream
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> str:
         from reptok_core.training.distributed import world
 
         # Every worker reads the tokens and caption states itself: no copy rides in the closure.
-        cache = token_data.read_caption_cache(cfg.data.train) if captions else None
+        cache = tokens.read_caption_cache(cfg.data.train) if captions else None
 
         def convert(rows: dict[str, Any]) -> dict[str, np.ndarray]:
             return batch_arrays(rows, cfg.model.kind, caption_list)
@@ -262,12 +262,12 @@ def main(argv: list[str] | None = None) -> str:
         if streamed:
             stream = TokenStream(cfg.data.train, convert, cfg.loop.shuffle_buffer, *world())
         else:
-            train = convert(token_data.load_tokens(cfg.data.train))
+            train = convert(tokens.load_tokens(cfg.data.train))
             data = {k: torch.from_numpy(v) for k, v in train.items()}
         decoder = None
         if tokenizer != "none":
             decoder = load_tokenizer(
-                resolve_export(tokenizer, tracking_uri, EXPORT_CONFIG)[0], device
+                model_uri.resolve_export(tokenizer, tracking_uri, EXPORT_CONFIG)[0], device
             )
         fid = None
         if cfg.eval.fid_samples:

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import common, image_data, model_uri, stage  # noqa: E402
 from reptok_core.config import from_dict, opt, section  # noqa: E402
-from reptok_core.formats.image_parquet import heldout_batch  # noqa: E402
+from reptok_core.formats import images  # noqa: E402
 from reptok_core.models.tokenizer import TokenizerConfig  # noqa: E402
 from reptok_core.training.loop import LoopConfig  # noqa: E402
 from reptok_core.training.optim import OptimConfig  # noqa: E402
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> str:
         cfg.model = finetune_config(cfg.model, from_dict(TokenizerConfig, meta["config"]))
         vae_config = meta.get("vae_config")
     run = stage.start(cfg, "tokenizer")
-    eval_batch = heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
+    eval_batch = images.heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
     out_uri = run.export_uri
 
     def make_task(device):

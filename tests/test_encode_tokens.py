@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import common, encode_tokens
+from pipelines import common, encode_tokens, model_uri
 from reptok_core import storage
 from reptok_core.exports.tokenizer import EXPORT_CONFIG, load_tokenizer
-from reptok_core.formats import tokens as token_data
+from reptok_core.formats import tokens
 from reptok_core.images import decode_rgb, images_from_uint8
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,16 +40,16 @@ def test_registered_tokenizer_alias_resolves(tmp_path, tiny_tokenizer_export, ca
     uri = common.mlflow_uri(run)
     run_id = common.start_or_resume_mlflow_run(run, run, stage="tokenizer")
     assert str(common.register_export(run, run_id, tiny_tokenizer_export, "tokenizer")) == "1"
-    local, rid = encode_tokens.resolve_export("models:/tok-tiny@current", uri, EXPORT_CONFIG)
+    local, rid = model_uri.resolve_export("models:/tok-tiny@current", uri, EXPORT_CONFIG)
     # The lineage id is the training run's, recorded in the export (the fixture's is made up).
     assert rid == "tok-run-0" and os.path.exists(os.path.join(local, EXPORT_CONFIG))
-    assert encode_tokens.resolve_export("models:/tok-tiny/1", uri, EXPORT_CONFIG)[0] == local
+    assert model_uri.resolve_export("models:/tok-tiny/1", uri, EXPORT_CONFIG)[0] == local
     enc = encode_tokens.load_encoder("models:/tok-tiny@current", uri, torch.device("cpu"))
     x = images_from_uint8(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), torch.device("cpu"))
     with torch.no_grad():
         assert torch.allclose(enc(x), load_tokenizer(tiny_tokenizer_export).encoder(x))
     with pytest.raises(FileNotFoundError, match="not an export folder"):
-        encode_tokens.resolve_export(str(tmp_path / "nope"), uri, EXPORT_CONFIG)
+        model_uri.resolve_export(str(tmp_path / "nope"), uri, EXPORT_CONFIG)
 
 
 def test_part_encoder_decodes_on_threads_in_row_order(
@@ -96,13 +96,13 @@ def test_encode_to_s3_killed_then_rerun(
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1 and "[fault drill]" in proc.stdout, proc.stderr[-3000:]
-    markers = storage.list_files(f"{out}/{token_data.PARTS_DIR}")
-    assert 2 <= len(markers) < 6 and not storage.exists(f"{out}/{token_data.MANIFEST}")
+    markers = storage.list_files(f"{out}/{tokens.PARTS_DIR}")
+    assert 2 <= len(markers) < 6 and not storage.exists(f"{out}/{tokens.MANIFEST}")
 
     # Part 2: the same command completes the job, reusing the finished parts.
     manifest = encode_tokens.main(args)
     direct = _direct_tokens(tiny_tokenizer_export, captioned_parquet)
-    data = token_data.load_tokens(out)
+    data = tokens.load_tokens(out)
     assert manifest["rows"] == 48 == len(data["id"]) == len(set(data["id"]))
     assert set(data["id"]) == set(direct)
     ref = np.stack([direct[i] for i in data["id"]])
@@ -111,7 +111,7 @@ def test_encode_to_s3_killed_then_rerun(
     assert np.allclose(manifest["std"], ref.std(0, ddof=1), atol=1e-5)
     assert manifest["dim"] == 32 and manifest["num_classes"] == 2
     assert data["token_flip"].shape == (48, 32) and not np.allclose(data["token_flip"], ref)
-    meta, states, mask = token_data.read_caption_cache(out)
+    meta, states, mask = tokens.read_caption_cache(out)
     assert len(meta["captions"]) == 6 and states.shape[0] == 6 and states.shape[2] == 384
     assert set(meta["captions"]) == set(data["caption"])
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")

@@ -21,7 +21,7 @@ def inception():
 
 @pytest.fixture(scope="module")
 def fashion_u8(fashion_parquet):
-    from reptok_core.formats.image_parquet import heldout_batch
+    from reptok_core.formats.images import heldout_batch
 
     return heldout_batch(str(fashion_parquet / "train"), 16)["image"]  # (16, 16, 16, 3) uint8
 

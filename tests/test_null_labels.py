@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import encode_tokens, train_tokenizer
-from reptok_core.formats import image_parquet
-from reptok_core.formats import tokens as token_data
+from reptok_core.formats import images, tokens
 from reptok_core.images import encode_image, prepare_array
 from reptok_core.prepare.builtin_datasets import load_fashion_mnist
 
@@ -58,14 +57,14 @@ def caption_only_parquet(tmp_path_factory):
 def test_label_columns_with_nulls_become_minus_one():
     as_float = pa.array([3, None, 1], pa.int32()).to_numpy(zero_copy_only=False)
     assert as_float.dtype.kind == "f"  # what Arrow hands over: NaN for the null
-    assert image_parquet.labels_or_minus_one(as_float).tolist() == [3, -1, 1]
+    assert images.labels_or_minus_one(as_float).tolist() == [3, -1, 1]
     as_objects = pa.array([None, None], pa.null()).to_numpy(zero_copy_only=False)
-    assert image_parquet.labels_or_minus_one(as_objects).tolist() == [-1, -1]
-    assert image_parquet.labels_or_minus_one(np.array([0, 7], np.int32)).dtype == np.int64
+    assert images.labels_or_minus_one(as_objects).tolist() == [-1, -1]
+    assert images.labels_or_minus_one(np.array([0, 7], np.int32)).dtype == np.int64
 
 
 def test_heldout_batch_of_caption_only_data(caption_only_parquet):
-    batch = image_parquet.heldout_batch(str(caption_only_parquet), 5)
+    batch = images.heldout_batch(str(caption_only_parquet), 5)
     assert batch["image"].shape == (5, 16, 16, 3)
     assert batch["label"].tolist() == [-1] * 5
 
@@ -116,6 +115,6 @@ def test_stage1_then_encode_on_caption_only_data(
     assert "max_restarts > 0" not in encode_log.out + encode_log.err
     assert manifest["rows"] == 24 and manifest["num_classes"] == 0
     assert manifest["captioned_rows"] == 24
-    data = token_data.load_tokens(str(out))
+    data = tokens.load_tokens(str(out))
     assert data["label"].tolist() == [-1] * 24
     assert all(c.startswith("a grey garment") for c in data["caption"])

@@ -14,8 +14,8 @@ from pipelines import encode_tokens, train_generator
 from reptok_core import storage
 from reptok_core.exports.generator import load_generator
 from reptok_core.exports.tokenizer import load_tokenizer
-from reptok_core.formats import tokens as token_data
 from reptok_core.formats.token_stream import TokenStream
+from reptok_core.formats.tokens import MANIFEST, load_tokens, read_manifest, tokens_table
 from reptok_core.models.generator import sample_tokens
 
 
@@ -27,14 +27,12 @@ def _write_tokens(uri: str, sizes: list[int], row_group: int) -> str:
     for p, n in enumerate(sizes):
         i = np.arange(start, start + n)
         tokens = np.stack([i, np.sin(i), np.cos(i)], 1).astype(np.float32)
-        table = token_data.tokens_table([f"r{k:04d}" for k in i], list(i % 2), [None] * n, tokens)
+        table = tokens_table([f"r{k:04d}" for k in i], list(i % 2), [None] * n, tokens)
         parts.append(f"part-{p}.parquet")
         pq.write_table(table, f"{root}/{parts[-1]}", filesystem=fs, row_group_size=row_group)
         start += n
     manifest = {"dim": 3, "rows": start, "mean": [0.0] * 3, "std": [1.0] * 3, "parts": parts}
-    storage.write_bytes_atomic(
-        storage.join(uri, token_data.MANIFEST), json.dumps(manifest).encode()
-    )
+    storage.write_bytes_atomic(storage.join(uri, MANIFEST), json.dumps(manifest).encode())
     return uri
 
 
@@ -55,7 +53,7 @@ def test_stream_gives_every_row_once_per_epoch_across_ranks(where, tmp_path, req
         return ranks[0] + ranks[1]
 
     first, second = epoch(0), epoch(1)
-    held = token_data.load_tokens(uri)["token"]
+    held = load_tokens(uri)["token"]
     for batches in (first, second):
         rows = np.concatenate([b["token"] for b in batches])
         ids = rows[:, 0].astype(int)
@@ -144,7 +142,7 @@ def test_class_generator_stop_resume_export(tokens, fashion_parquet, tmp_path):
 
     # The export samples tokens that the stage-1 decoder turns into images.
     gen = load_generator(str(store / "g1" / "export"))
-    manifest = token_data.read_manifest(str(tokens))
+    manifest = read_manifest(str(tokens))
     assert torch.allclose(gen.normalizer.mean, torch.tensor(manifest["mean"]))
     z = sample_tokens(gen.model, gen.normalizer, labels=torch.tensor([0, 1]), scale=1.5,
                       interval=(0.3, 0.9), steps=5)  # fmt: skip

@@ -64,8 +64,8 @@ def test_train_stop_resume_fault_export(ray_cluster, fashion_parquet, tmp_path):
     # The export loads in a fresh process and reconstructs an image.
     code = (
         "import sys, torch, numpy as np\n"
-        "from reptok_core.stages.tokenizer import load_tokenizer\n"
-        "from reptok_core.formats.image_parquet import heldout_batch\n"
+        "from reptok_core.exports.tokenizer import load_tokenizer\n"
+        "from reptok_core.formats.images import heldout_batch\n"
         "tok = load_tokenizer(sys.argv[1])\n"
         "b = heldout_batch(sys.argv[2], 2)\n"
         "x = torch.from_numpy(b['image']).permute(0, 3, 1, 2).float() / 127.5 - 1\n"

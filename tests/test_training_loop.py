@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reptok_core.config import from_dict, read_yaml
-from reptok_core.formats.image_parquet import ImageBatches, heldout_batch
+from reptok_core.formats.images import ImageBatches, heldout_batch
 from reptok_core.models.tokenizer import TokenizerConfig
 from reptok_core.stages.tokenizer import TokenizerTask
 from reptok_core.training.checkpoints import FolderCheckpoints

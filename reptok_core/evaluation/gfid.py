@@ -1,7 +1,7 @@
 """gFID of a class-conditional generator: class-balanced samples -> stage-1 decoder -> Inception
 features -> Fréchet distance to reference statistics (reptok_core/evaluation/fid.py has the protocol).
 
-pipelines/evaluate.py generates all its samples in one process. Stage-2 training (`TrainingFid`)
+The evaluation protocol (protocol.py) generates all its samples in one process. Stage-2 training (`TrainingFid`)
 splits them over the ranks, which must all sample anyway because the generator is FSDP-sharded,
 and gathers the features on rank 0.
 """

@@ -1,7 +1,7 @@
 """This rank's training batches of a Parquet dataset, epoch by epoch, streamed by row group.
 
 Used for the token Parquet (formats/token_stream.py) and the images Parquet
-(formats/image_parquet.py) when no Ray Dataset feeds the loop. Each epoch puts the row groups in
+(formats/images.py) when no Ray Dataset feeds the loop. Each epoch puts the row groups in
 a (seed, epoch) order that every rank computes alike; laid end to end they form one sequence of
 rows, of which rank r takes the r-th of `world_size` equal slices, reading only the row groups
 its slice touches (one read ahead of use). Rows then pass through a shuffle pool seeded by

@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from reptok_core.formats import tokens as token_data
+from reptok_core.formats import tokens
 from reptok_core.formats.row_stream import Arrays, RowGroupStream
 
 
 class TokenStream(RowGroupStream):
     """This rank's batches of a token Parquet, epoch by epoch, read from storage (local or S3).
 
-    `convert` turns `token_data.table_arrays` rows into the numeric batch columns the task reads
+    `convert` turns `tokens.table_arrays` rows into the numeric batch columns the task reads
     (train_generator.batch_arrays).
     """
 
@@ -29,11 +29,11 @@ class TokenStream(RowGroupStream):
         rank: int,
         world_size: int,
     ):
-        manifest = token_data.read_manifest(uri)
+        manifest = tokens.read_manifest(uri)
         dim = manifest["dim"]
         super().__init__(
-            token_data.parts_dataset(uri, manifest),
-            lambda table: convert(token_data.table_arrays(table, dim)),
+            tokens.parts_dataset(uri, manifest),
+            lambda table: convert(tokens.table_arrays(table, dim)),
             shuffle_buffer,
             rank,
             world_size,

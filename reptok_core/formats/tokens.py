@@ -1,4 +1,5 @@
-"""The token Parquet (DESIGN.md §3.2): layout, writing one part, reading it back, caption cache.
+"""The token Parquet (DESIGN.md §3.2): layout, writing parts and the manifest, reading it back,
+caption cache. pipelines/encode_tokens.py is the Ray job that writes one; stage 2 reads it.
 
     <prefix>/part-00000-<fp>.parquet   id, label, caption, token: fixed_size_list<float32>[D]
                                        (+ token_flip, the mirrored image's token, when asked)
@@ -6,11 +7,14 @@
     <prefix>/_captions/                caption states: captions.json + captions.safetensors
     <prefix>/_manifest.json            written last: tokenizer, D, mean, std, rows, parts
 
-Readers trust only the parts the manifest lists, so leftovers of a killed run are never read.
+One part per input file, named by its index and a fingerprint of everything that shapes it; a
+part counts as written once its marker exists (written after it). Readers trust only the parts
+the manifest lists, so leftovers of a killed run are never read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any
@@ -25,8 +29,9 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from reptok_core import storage
-from reptok_core.formats.token_stats import TokenNormalizer
+from reptok_core.formats.token_stats import RunningStats, TokenNormalizer
 
+FORMAT = "reptok-tokens/1"
 MANIFEST = "_manifest.json"
 PARTS_DIR = "_parts"
 CAPTIONS_DIR = "_captions"
@@ -67,10 +72,91 @@ def tokens_table(
     return pa.Table.from_arrays(cols, schema=token_schema(tokens.shape[1], flipped is not None))
 
 
-def write_table_atomic(uri: str, table: pa.Table) -> None:
+def plan_parts(inputs: list[str], tokenizer_id: str, flip: bool) -> list[dict[str, str]]:
+    """One part per input file: [{"input": file, "part": name}]. The names carry a fingerprint of
+    the inputs (and their sizes), the tokenizer and `flip`, so a changed input or tokenizer never
+    reuses a stale part."""
+    fs, _ = storage.filesystem(inputs[0])
+    sizes = [fs.get_file_info(storage.filesystem(f)[1]).size for f in inputs]
+    key = json.dumps([tokenizer_id, flip, [[f, z] for f, z in zip(inputs, sizes, strict=True)]])
+    fp = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+    return [{"input": f, "part": f"part-{i:05d}-{fp}"} for i, f in enumerate(inputs)]
+
+
+def _marker(uri: str, part: str) -> str:
+    return storage.join(uri, PARTS_DIR, f"{part}.json")
+
+
+def part_done(uri: str, part: str) -> bool:
+    return storage.exists(_marker(uri, part))
+
+
+def write_part(
+    uri: str,
+    part: str,
+    ids: list[str],
+    labels: list[int | None],
+    captions: list[str | None],
+    tokens: np.ndarray,
+    flipped: np.ndarray | None = None,
+) -> None:
+    """One part and then its marker, each atomically: the marker is the part's commit."""
     buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(uri, buf.getvalue())
+    pq.write_table(tokens_table(ids, labels, captions, tokens, flipped), buf)
+    storage.write_bytes_atomic(storage.join(uri, f"{part}.parquet"), buf.getvalue())
+    stats = RunningStats(tokens.shape[1])
+    stats.update(torch.from_numpy(tokens))
+    marker = {
+        "rows": len(ids),
+        "mean": stats.mean.tolist(),
+        "m2": stats.m2.tolist(),
+        "max_label": max((v for v in labels if v is not None), default=-1),
+        "captioned": sum(c is not None for c in captions),
+    }
+    storage.write_bytes_atomic(_marker(uri, part), json.dumps(marker).encode())
+
+
+def write_manifest(
+    uri: str, parts: list[str], images: str, flip: bool, lineage: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest of finished `parts` (in order), their markers' statistics merged; `lineage`
+    (tokenizer, runs, config) is recorded as given. Written last: it makes the set readable."""
+    stats, rows, max_label, captioned = None, 0, -1, 0
+    for part in parts:
+        m = json.loads(storage.read_bytes(_marker(uri, part)))
+        stats = stats or RunningStats(len(m["mean"]))
+        stats.merge(m["rows"], torch.tensor(m["mean"]), torch.tensor(m["m2"]))
+        rows += m["rows"]
+        max_label = max(max_label, m["max_label"])
+        captioned += m["captioned"]
+    manifest = {
+        "format": FORMAT,
+        "images": images,
+        "dim": int(stats.mean.numel()),
+        "rows": rows,
+        "mean": stats.mean.tolist(),
+        "std": stats.std.tolist(),
+        "num_classes": max_label + 1,
+        "captioned_rows": captioned,
+        "flip": flip,
+        "parts": [f"{part}.parquet" for part in parts],
+        **lineage,
+    }
+    storage.write_bytes_atomic(storage.join(uri, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def remove_stale(uri: str, parts: list[str]) -> int:
+    """Delete the parts and markers not in `parts` (an earlier plan: another tokenizer or input);
+    returns how many files went."""
+    keep = set(parts)
+    n = 0
+    for f in storage.list_files(uri):
+        name = f.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        if name.startswith("part-") and name not in keep:
+            storage.delete(f)
+            n += 1
+    return n
 
 
 def read_manifest(uri: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Data preparation without Ray: raw images -> the images Parquet of DESIGN.md §3.1.
+"""Data preparation without Ray: raw images -> the images Parquet of DESIGN.md §3.1
+(its schema and readers: reptok_core/formats/images.py).
 
 Output under `output.uri` (local folder or s3://bucket/prefix):
     part-NNNNN-<hash>-K.parquet  image rows (or train/ and val/ sub-prefixes when
@@ -38,10 +39,9 @@ from reptok_core.prepare.shards import in_val_split, make_shards
 from reptok_core.prepare.sources import Plan, plan_source
 from reptok_core.prepare.stage import Execute, run, run_inline
 from reptok_core.prepare.vae import encode_vae_latents, load_vae
-from reptok_core.prepare.writer import IMAGES_SCHEMA, process_shard
+from reptok_core.prepare.writer import process_shard
 
 __all__ = [
-    "IMAGES_SCHEMA",
     "SOURCE_KINDS",
     "Execute",
     "Plan",

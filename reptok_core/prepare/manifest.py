@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
+from reptok_core.formats.images import images_schema
 from reptok_core.prepare.config import FORMAT_VERSION, PrepareConfig, redacted
 from reptok_core.prepare.sources import Plan
-from reptok_core.prepare.writer import images_schema
 
 
 def _version() -> str:

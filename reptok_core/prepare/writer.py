@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reptok_core import storage
+from reptok_core.formats.images import images_schema
 from reptok_core.images import ImageRejected, encode_image, prepare_array, prepare_bytes
 from reptok_core.prepare import fileio
 from reptok_core.prepare.fetch import Fetched, Fetcher
@@ -24,25 +25,6 @@ from reptok_core.prepare.sources import reject_record
 from reptok_core.prepare.vae import encode_vae_latents
 
 ROW_GROUP_ROWS = 256  # ~30 MB of 256-px PNGs: big enough for fast scans, small enough to stream
-
-
-def images_schema(latent_size: int = 0) -> pa.Schema:
-    """The images Parquet of DESIGN.md §3.1 (plus `vae_latent` when latent_size > 0)."""
-    fields = [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("label", pa.int32()),
-        pa.field("caption", pa.string()),
-        pa.field("source", pa.string(), nullable=False),
-    ]
-    if latent_size:
-        fields.append(pa.field("vae_latent", pa.list_(pa.float32(), latent_size)))
-    return pa.schema(fields)
-
-
-IMAGES_SCHEMA = images_schema()
 
 
 class ShardWriter:

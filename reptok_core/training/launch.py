@@ -5,7 +5,7 @@ else CPU), keeps checkpoints under `out` (local or s3://, resumed on a re-run), 
 metrics to `<metrics_dir>/metrics.jsonl` (sample grids as PNGs beside it) and calls the loop.
 Experiments and benchmarks train through it, with the stages' real tasks and losses:
 
-    from reptok_core.formats.image_parquet import ImageBatches
+    from reptok_core.formats.images import ImageBatches
     from reptok_core.stages.tokenizer import TokenizerTask
     from reptok_core.training.launch import train
     batches = ImageBatches("data/train", loop.batch_size, loop.seed, loop.shuffle_buffer)

@@ -11,7 +11,7 @@ Where it differs by environment it talks to three seams, each a small Protocol b
   storage in pipelines/ray_loop.py);
 - MetricSink: where rank 0's metrics and sample grids go (a JSON-lines file in
   training/launch.py; MLflow in pipelines/ray_loop.py);
-- BatchSource: this rank's batches, epoch by epoch (formats/image_parquet.ImageBatches; the
+- BatchSource: this rank's batches, epoch by epoch (formats/images.ImageBatches; the
   task's own `epoch_batches` when none is given; a Ray Dataset shard in pipelines/ray_loop.py).
 The caller picks the device (torchrun: LOCAL_RANK -> cuda:N; Ray: ray.train.torch.get_device).
 Under python/torchrun, training/launch.train wires the Ray-free seams and calls `run`.

@@ -1,8 +1,13 @@
-"""Reading the images Parquet (DESIGN.md §3) for training and evaluation, without Ray.
+"""The images Parquet (DESIGN.md §3.1): its schema, its data files, and reading rows back decoded.
 
-`decode_batch` turns stored rows into arrays (the Ray Dataset in pipelines/image_data.py maps it
-over its blocks), `heldout_batch` is the fixed evaluation batch, and `ImageBatches` is the loop's
-batch source under python/torchrun: this rank's share of the rows, shuffled by (seed, epoch).
+reptok_core/prepare writes it (writer.py the Parquet files, manifest.py `_manifest.json`); the
+tokenizer and encoder stages, encode_tokens and evaluation read it through here; `ImageBatches`
+is the training loop's batch source over it under python/torchrun (the Ray Dataset in
+pipelines/image_data.py maps `decode_batch` over its blocks instead).
+
+    <prefix>/part-*.parquet      rows of `images_schema` (or under train/ and val/ when split)
+    <prefix>/rejects/*.jsonl     the dropped inputs, with reasons
+    <prefix>/_shards/, _*.json   completion markers and the manifest: never data
 """
 
 from __future__ import annotations
@@ -20,19 +25,38 @@ from reptok_core.images import decode_rgb
 from reptok_core.training.distributed import world
 
 
-def parquet_dataset(uri: str) -> pads.Dataset:
-    """The images Parquet under a prefix (rejected rows and `_`-files left out)."""
-    fs, _ = storage.filesystem(uri)
+def images_schema(latent_size: int = 0) -> pa.Schema:
+    """The row schema (plus `vae_latent` when latent_size > 0)."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("label", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+    if latent_size:
+        fields.append(pa.field("vae_latent", pa.list_(pa.float32(), latent_size)))
+    return pa.schema(fields)
+
+
+def data_files(uri: str) -> list[str]:
+    """The Parquet files holding rows under `uri` (a prefix or one split of it)."""
     files = [
         f
         for f in storage.list_files(uri, ".parquet")
-        if "/rejects/" not in f and "/_" not in f.rsplit("/", 1)[-1]
+        if "/rejects/" not in f and not f.rsplit("/", 1)[-1].startswith("_")
     ]
     if not files:
-        raise FileNotFoundError(
-            f"no Parquet files under {uri!r}: run prepare_data first or fix data.train / data.val"
-        )
-    paths = [storage.filesystem(f)[1] for f in files]
+        raise FileNotFoundError(f"no images Parquet files under {uri!r}: run prepare_data first")
+    return files
+
+
+def dataset(uri: str) -> pads.Dataset:
+    """The data files as one pyarrow dataset (local or S3), read lazily."""
+    fs, _ = storage.filesystem(uri)
+    paths = [storage.filesystem(f)[1] for f in data_files(uri)]
     return pads.dataset(paths, filesystem=fs, format="parquet")
 
 
@@ -43,7 +67,7 @@ def training_columns(schema: pa.Schema, with_latents: bool = True) -> list[str]:
 
 
 def labels_or_minus_one(values: np.ndarray | list) -> np.ndarray:
-    """A label column -> int64 with -1 for "no label" (DESIGN.md §3: `label: int32 null`).
+    """A label column -> int64 with -1 for "no label" (the schema's `label: int32 null`).
 
     Arrow hands a partly null int column to numpy as float with NaN, and an all-null column
     typed `null` as objects holding None; caption-only datasets have nothing but nulls.
@@ -57,7 +81,7 @@ def labels_or_minus_one(values: np.ndarray | list) -> np.ndarray:
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """PNG/JPEG bytes -> (B, H, W, 3) uint8 (+ vae_latent float32, label int64 -1 = none)."""
+    """Rows -> image (B, H, W, 3) uint8 [, vae_latent float32, label int64 with -1 = none]."""
     out: dict[str, np.ndarray] = {"image": np.stack([decode_rgb(b) for b in batch["image"]])}
     if "vae_latent" in batch:
         out["vae_latent"] = np.stack([np.asarray(v, dtype=np.float32) for v in batch["vae_latent"]])
@@ -72,7 +96,7 @@ def _table_columns(table: pa.Table, columns: list[str]) -> dict[str, np.ndarray]
 
 def heldout_batch(uri: str, n: int) -> dict[str, np.ndarray]:
     """The first `n` rows (sorted by id, so every evaluation sees the same images), decoded."""
-    ds = parquet_dataset(uri)
+    ds = dataset(uri)
     cols = ["id", *training_columns(ds.schema)]
     table = ds.to_table(columns=cols)
     if table.num_rows == 0:
@@ -89,7 +113,7 @@ class ImageBatches:
     def __init__(
         self, uri: str, batch_size: int, seed: int, shuffle_buffer: int, with_latents: bool = True
     ):
-        self.dataset = parquet_dataset(uri)
+        self.dataset = dataset(uri)
         self.columns = training_columns(self.dataset.schema, with_latents)
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.stream: RowGroupStream | None = None
