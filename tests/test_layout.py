@@ -33,8 +33,8 @@ TRAINING_PIPELINES = (
     "pipelines.pretrain_encoder",
     "pipelines.train_tokenizer",
     "pipelines.train_generator",
-    "pipelines.train_loop",
-    "pipelines.ray_trainer",
+    "pipelines.stage",
+    "pipelines.ray_loop",
 )
 SERVING = ("reptok_core.serving", "pipelines.serving", "pipelines.serve")
 
