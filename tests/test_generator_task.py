@@ -134,7 +134,11 @@ def test_finetuning_starts_from_an_export_with_its_normaliser(tmp_path):
     requested.flow.t_sampler = "uniform"
     ft = finetune_generator_config(requested, init.cfg)
     assert ft.mixer == cfg.mixer and ft.token_scale == 2.5
-    assert (ft.guidance_scale, ft.guidance_interval, ft.flow.t_sampler) == (3.0, [0.2, 0.8], "uniform")
+    assert (ft.guidance_scale, ft.guidance_interval, ft.flow.t_sampler) == (
+        3.0,
+        [0.2, 0.8],
+        "uniform",
+    )
     task = GeneratorTask(
         ft,
         init.normalizer,
