@@ -17,6 +17,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from reptok_core.device import resolve_device  # noqa: E402
 from reptok_core.models.layers import compile_blocks  # noqa: E402,F401 - the benchmarks' regional mode
 
 
@@ -50,9 +51,7 @@ def parse_runs(text: str) -> list[RunSpec]:
 
 
 def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(name or "auto")
 
 
 def environment(device: torch.device) -> dict:

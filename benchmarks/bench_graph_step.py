@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from reptok_core.formats.token_stats import TokenNormalizer
-from reptok_core.models.generator import generator_preset
+from reptok_core.models.generator import generator_preset, token_dim
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
 from reptok_core.stages.generator import GeneratorTask
 from reptok_core.training.cuda_graph_step import CudaGraphStep
@@ -37,7 +37,7 @@ def make_task(preset: str, rows: int, device: torch.device, kind: str = "class",
     """A GeneratorTask on random in-memory tokens; text: 64 cached captions of 16 states."""
     cfg = generator_preset(preset, kind)
     cfg.mixer = dataclasses.replace(cfg.mixer, **mixer)
-    dim = cfg.mixer.token_dim if kind == "class" else cfg.text.token_dim
+    dim = token_dim(cfg)
     gen = torch.Generator().manual_seed(0)
     data = {
         "token": torch.randn(rows, dim, generator=gen) * 2 + 1,

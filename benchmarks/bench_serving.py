@@ -56,7 +56,7 @@ def build(tiny: bool, device: torch.device) -> tuple[Tokenizer, LoadedGenerator]
 
 def generate(inf: Inference, tok, gen, labels: list[int], steps: int) -> torch.Tensor:
     """/generate's model work: tokens for the labels, then their images (seeds 0..n-1)."""
-    z = inf.class_tokens(gen, labels, gen.cfg.cfg_scale, steps, seed=0)
+    z = inf.tokens(gen, labels, gen.cfg.guidance_scale, steps, seed=0)
     return inf.decode(tok, z, steps, list(range(len(labels))))
 
 

@@ -20,6 +20,7 @@ from _fashion32 import fashion32
 from PIL import Image
 
 from reptok_core.config import from_dict, read_yaml
+from reptok_core.device import resolve_device, resolve_precision
 from reptok_core.evaluation.fid import FeatureStats, InceptionFeatures, extract_features, fid
 from reptok_core.evaluation.metrics import psnr, ssim
 from reptok_core.exports.generator import export_generator, load_generator
@@ -79,7 +80,7 @@ def train(model, loss_fn, optim: OptimConfig, steps: int, dev, log, name: str) -
             lr=lr_at(step, steps, optim),
             grad_clip=optim.grad_clip,
             device=dev,
-            precision="bf16" if dev.type == "cuda" else "fp32",
+            precision=resolve_precision("auto", dev),
             ema=ema,
         )
         if (step + 1) % 250 == 0 or step + 1 == steps:
@@ -101,7 +102,7 @@ def run_arm(
     inception: str | None,
     limit: int = 0,
 ) -> dict:
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device()
     work = os.path.join(out, arm)
     os.makedirs(work, exist_ok=True)
     logf = open(os.path.join(work, "log.jsonl"), "a")
@@ -216,16 +217,19 @@ def sample_sets(tokenizer, generator, encode, test_x, s: ArmSettings, result: di
     sets = {"recon": images_to_uint8(recon)}
     labels = torch.arange(s.samples, device=dev) % 10
     gcfg = generator.cfg
-    for name, scale in (("cfg", gcfg.cfg_scale), ("no_cfg", 1.0)):
+    for name, scale in (("cfg", gcfg.guidance_scale), ("no_cfg", 1.0)):
         chunks = []
         for i in range(0, s.samples, 1000):
             with amp:
                 tok = sample_tokens(generator.model, generator.normalizer,
                                     labels=labels[i : i + 1000], scale=scale,
-                                    interval=tuple(gcfg.cfg_interval), steps=50, seed=i)  # fmt: skip
+                                    interval=tuple(gcfg.guidance_interval), steps=50, seed=i)  # fmt: skip
             chunks.append(images_to_uint8(decode(tok, seed=10**6 + i)))
         sets[name] = np.concatenate(chunks)
-    result["cfg_scale"], result["cfg_interval"] = gcfg.cfg_scale, gcfg.cfg_interval
+    result["guidance_scale"], result["guidance_interval"] = (
+        gcfg.guidance_scale,
+        gcfg.guidance_interval,
+    )
     return sets
 
 

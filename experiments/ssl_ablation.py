@@ -40,15 +40,12 @@ from _ablation_arm import ARMS, ArmSettings, run_arm
 from _fashion32 import fashion32
 
 from reptok_core.config import from_dict, parse_overrides, read_yaml
+from reptok_core.device import resolve_device
 from reptok_core.evaluation.fid import FeatureStats, InceptionFeatures, extract_features, fid
 from reptok_core.stages.dino import DinoConfig, DinoTask, ProbeSet, export_encoder
 from reptok_core.training.optim import OptimConfig, build_optimizer, lr_at, train_step
 
 FIT_FROM, FIT_TO = 20, 100  # steps timed by `pretrain --steps -1`
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def pretrain(args: argparse.Namespace) -> None:
@@ -61,7 +58,7 @@ def pretrain(args: argparse.Namespace) -> None:
     steps = preset["loop"]["steps"] if args.steps <= 0 else args.steps
     batch = args.batch or preset["loop"]["batch_size"]
     cfg.total_steps = steps
-    dev, out = device(), os.path.join(args.out, args.name)
+    dev, out = resolve_device(), os.path.join(args.out, args.name)
     train_x, train_y = fashion32("train", args.out, args.fm_root, args.limit)
     test_x, test_y = fashion32("test", args.out, args.fm_root, args.limit)
     probe = ProbeSet(train_x[: args.knn_bank], train_y[: args.knn_bank], k=20)
@@ -149,7 +146,7 @@ def pretrain(args: argparse.Namespace) -> None:
 def fid_reference(args: argparse.Namespace) -> None:
     """Inception statistics of both splits, plus FID(test, train): the floor a perfect
     generator would reach with 10k samples."""
-    net = InceptionFeatures(args.inception or None).to(device())
+    net = InceptionFeatures(args.inception or None).to(resolve_device())
     stats = {}
     for split in ("train", "test"):
         images, _ = fashion32(split, args.out, args.fm_root, args.limit)

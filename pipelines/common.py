@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from reptok_core import storage
-from reptok_core.config import ConfigError, describe, flatten, load_config, opt, to_dict
+from reptok_core.config import (
+    ConfigError,
+    Switch,
+    choice,
+    describe,
+    flatten,
+    load_config,
+    opt,
+    to_dict,
+)
 
 
 @dataclass
@@ -22,7 +31,7 @@ class RunSettings:
         "runs", "where checkpoints, exports and the default MLflow store go (path or s3://)"
     )
     num_workers: int = opt(1, "Ray Train workers (one per GPU on a GPU cluster)")
-    use_gpu: str = opt("auto", "'auto' (GPU when the cluster has one), 'true' or 'false'")
+    use_gpu: Switch = opt(Switch.AUTO, "train on GPUs: auto (when the cluster has one), on, off")
     cpus_per_worker: int = opt(1, "CPUs reserved per training worker")
     max_failures: int = opt(
         2, "worker-group restarts from the last checkpoint before the run fails"
@@ -86,15 +95,19 @@ def init_ray(min_cpus: int = 0) -> None:
 
 
 def gpus_available() -> bool:
+    """Whether the Ray cluster has a GPU; before Ray is started, whether this machine has one."""
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
 
 
-def resolve_use_gpu(value: str) -> bool:
-    if value == "auto":
-        return gpus_available()
-    return value.lower() in ("true", "1", "yes")
+def resolve_use_gpu(setting: Switch | str, option: str = "run.use_gpu") -> bool:
+    """A `use_gpu` Switch decided: on, off, or auto = `gpus_available()`."""
+    return choice(Switch, setting, option).decide(gpus_available())
 
 
 def run_dir(run: RunSettings) -> str:

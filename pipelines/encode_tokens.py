@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from pipelines import common, model_uri  # noqa: E402
 from reptok_core import storage  # noqa: E402
 from reptok_core.config import opt, section, to_dict  # noqa: E402
+from reptok_core.device import Precision, resolve_device, resolve_precision  # noqa: E402
 from reptok_core.formats import tokens  # noqa: E402
 from reptok_core.formats.images import data_files  # noqa: E402
 
@@ -58,7 +59,9 @@ class EncodeSettings:
     min_actors: int = opt(1, "smallest encoder actor pool")
     max_actors: int = opt(2, "largest encoder actor pool (one model load each)")
     cpus_per_actor: float = opt(1.0, "CPUs reserved per encoder actor")
-    precision: str = opt("auto", "'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU)")
+    precision: Precision = opt(
+        Precision.AUTO, "bf16 autocast, fp32, or auto (bf16 on a GPU that has it, fp32 elsewhere)"
+    )
     kill_after_parts: int = opt(
         0,
         "fault drill: the driver exits hard after this many parts are written; a re-run completes",
@@ -98,9 +101,9 @@ class PartEncoder:
 
     def __init__(self, s: EncodeSettings, tracking_uri: str):
         self.s = s
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device()
         self.encoder = load_encoder(s.tokenizer, tracking_uri, self.device)
-        bf16 = s.precision == "bf16" or (s.precision == "auto" and self.device.type == "cuda")
+        bf16 = resolve_precision(s.precision, self.device, "encode.precision") is Precision.BF16
         self.dtype = torch.bfloat16 if bf16 else None
         # Decoding the stored PNGs is the actor's bottleneck on a GPU (one core: ~560 images/s
         # at 256 px on an H200 host, a tenth of what the encoder takes; benchmarks/NOTES.md).
@@ -155,9 +158,7 @@ def _worker_env() -> dict[str, Any]:
 def _encode_captions_task(s: EncodeSettings, captions: list[str]) -> None:
     from reptok_core.models.text_encoder import TextEncoder
 
-    enc = TextEncoder(s.text_encoder, max_length=s.text_max_length)
-    if torch.cuda.is_available():
-        enc = enc.cuda()
+    enc = TextEncoder(s.text_encoder, max_length=s.text_max_length).to(resolve_device())
     states, masks = [], []
     for i in range(0, len(captions), 256):
         st, m = enc(captions[i : i + 256])

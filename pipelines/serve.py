@@ -19,9 +19,9 @@ restart. With `model.reload_poll_s > 0` replicas also notice on their own when a
 Endpoints (the contract: GET /openapi.json, or /docs; JSON errors look like
 {"error": "...", "detail": [{"field", "problem"}]}: 400 body not JSON or not an image,
 404 no model for this endpoint, 413 too large, 422 invalid value, 503 models not loaded yet):
-  POST /generate        {"label": 3 | [3, 7], "n": 4, "cfg_scale": 1.5, "steps": 50, "seed": 0,
+  POST /generate        {"label": 3 | [3, 7], "n": 4, "guidance_scale": 1.5, "steps": 50, "seed": 0,
                          "format": "png" | "json"}      -> PNG (a row for n > 1) or base64 PNGs
-  POST /text-to-image   {"prompt": "a red boot", "n", "cfg_scale", "steps", "seed", "format"}
+  POST /text-to-image   {"prompt": "a red boot", "n", "guidance_scale", "steps", "seed", "format"}
   POST /reconstruct     raw image bytes; ?steps=&seed=  -> PNG at the model's resolution
   POST /encode          raw image bytes                 -> {"token": [floats], "dim": D}
   POST /decode          {"token": [floats], "steps", "seed"} -> PNG

@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from pipelines import common, model_uri, stage  # noqa: E402
-from reptok_core.config import opt, section  # noqa: E402
+from reptok_core.config import ConfigError, Switch, choice, opt, section  # noqa: E402
 from reptok_core.formats import tokens  # noqa: E402
-from reptok_core.models.generator import GeneratorConfig  # noqa: E402
+from reptok_core.models.generator import Conditioning, GeneratorConfig, conditioning  # noqa: E402
 from reptok_core.training.loop import LoopConfig  # noqa: E402
 from reptok_core.training.optim import OptimConfig  # noqa: E402
 
@@ -40,10 +40,10 @@ class DataSettings(stage.DataSettings):
         "tokenizer whose decoder draws the sample grids: export folder or models:/NAME@ALIAS "
         "('' = the one recorded in the token manifest, 'none' = no grids)",
     )
-    in_memory: str = opt(
-        "auto",
-        "'true': each worker holds the whole token set; 'false': it streams its share from "
-        "storage through a loop.shuffle_buffer-row shuffle; 'auto': holds it when it fits "
+    in_memory: Switch = opt(
+        Switch.AUTO,
+        "on: each worker holds the whole token set; off: it streams its share from storage "
+        "through a loop.shuffle_buffer-row shuffle; auto: holds it when it fits "
         "data.memory_budget_gb",
     )
     memory_budget_gb: float = opt(
@@ -82,8 +82,22 @@ class TrainGeneratorConfig:
         "",
         "fine-tune an exported generator (folder, s3://, models:/NAME@ALIAS, builtin:NAME, or an "
         "imported official checkpoint): its model and token normalisation, with this config's "
-        "model.flow / cfg_scale / cfg_interval; '' trains model.* from scratch",
+        "model.flow / guidance_scale / guidance_interval; '' trains model.* from scratch",
     )
+
+
+def generator_conditioning(cfg: TrainGeneratorConfig) -> Conditioning:
+    try:
+        return conditioning(cfg.model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_tokens(cfg: TrainGeneratorConfig, manifest: dict[str, Any]) -> None:
+    try:
+        generator_conditioning(cfg).check_tokens(cfg.model, manifest, cfg.data.train)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def fit_to_tokens(
@@ -91,65 +105,37 @@ def fit_to_tokens(
 ) -> None:
     """Shape the model to the data: token (and text) width from the manifest, class count checked."""
     m = cfg.model
-    if m.kind == "class":
-        m.mixer.token_dim = manifest["dim"]
-        if manifest["num_classes"] < 1:
-            raise SystemExit(f"error: {cfg.data.train!r} has no labels; use model.kind=text")
-        if manifest["num_classes"] > m.mixer.num_classes:
-            raise SystemExit(
-                f"error: the tokens have labels up to {manifest['num_classes'] - 1} but "
-                f"model.mixer.num_classes={m.mixer.num_classes}"
-            )
-    elif m.kind == "text":
+    if generator_conditioning(cfg).uses_captions:
         if captions is None:
             raise SystemExit(
                 f"error: {cfg.data.train!r} has no caption cache; run encode_tokens with "
                 "encode.text_encoder set"
             )
-        m.text.token_dim, m.text.text_dim = manifest["dim"], captions["dim"]
-    else:
-        raise SystemExit(f"error: model.kind={m.kind!r}; expected 'class' or 'text'")
+        m.text.text_dim = captions["dim"]
+    generator_conditioning(cfg).model_config(m).token_dim = manifest["dim"]
+    check_tokens(cfg, manifest)
 
 
 def check_fits_tokens(cfg: TrainGeneratorConfig, manifest: dict[str, Any], init: Any) -> None:
     """A generator to fine-tune must already fit the tokens: same width, enough classes."""
-    model = cfg.model.mixer if cfg.model.kind == "class" else cfg.model.text
+    model = generator_conditioning(cfg).model_config(cfg.model)
     if model.token_dim != manifest["dim"]:
         raise SystemExit(
             f"error: init_from={cfg.init_from!r} generates {model.token_dim}-dim tokens but "
             f"{cfg.data.train!r} holds {manifest['dim']}-dim tokens"
         )
-    if cfg.model.kind == "class" and manifest["num_classes"] > cfg.model.mixer.num_classes:
-        raise SystemExit(
-            f"error: the tokens have labels up to {manifest['num_classes'] - 1} but "
-            f"init_from={cfg.init_from!r} knows {cfg.model.mixer.num_classes} classes"
-        )
-
-
-def batch_arrays(
-    data: dict[str, Any], kind: str, captions: list[str] | None
-) -> dict[str, np.ndarray]:
-    """Loaded token rows -> the numeric batch a GeneratorTask reads."""
-    out = {"token": data["token"]}
-    if "token_flip" in data:
-        out["token_flip"] = data["token_flip"]
-    if kind == "class":
-        if (data["label"] < 0).any():
-            raise ValueError("some token rows have no label; a class-conditional model needs all")
-        out["label"] = data["label"]
-    else:
-        out["caption_idx"] = tokens.caption_index(data["caption"], captions or [])
-    return out
+    check_tokens(cfg, manifest)
 
 
 def streams_tokens(data: DataSettings, manifest: dict[str, Any]) -> bool:
     """`data.in_memory` resolved: whether the workers stream the token set instead of holding it."""
-    if data.in_memory not in ("auto", "true", "false"):
-        raise SystemExit(f"error: data.in_memory={data.in_memory!r}; expected auto, true or false")
-    if data.in_memory != "auto":
-        return data.in_memory == "false"
+    try:
+        in_memory = choice(Switch, data.in_memory, "data.in_memory")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     copies = 2 if manifest.get("flip") else 1
-    return manifest["rows"] * manifest["dim"] * 4 * copies > data.memory_budget_gb * 2**30
+    fits = manifest["rows"] * manifest["dim"] * 4 * copies <= data.memory_budget_gb * 2**30
+    return not in_memory.decide(fits)
 
 
 def check_fid(cfg: TrainGeneratorConfig, tokenizer: str) -> None:
@@ -158,7 +144,7 @@ def check_fid(cfg: TrainGeneratorConfig, tokenizer: str) -> None:
         return
     if e.fid_samples < 2:
         raise SystemExit(f"error: eval.fid_samples={e.fid_samples}: FID needs at least 2 images")
-    if cfg.model.kind != "class" or tokenizer == "none":
+    if generator_conditioning(cfg).num_classes(cfg.model) is None or tokenizer == "none":
         raise SystemExit("error: eval.fid_samples needs model.kind=class and a tokenizer")
     if not e.fid_reference:
         raise SystemExit("error: eval.fid_samples needs eval.fid_reference (held-out images)")
@@ -195,7 +181,8 @@ def main(argv: list[str] | None = None) -> str:
         TrainGeneratorConfig, argv, __doc__, data="a token Parquet from encode_tokens"
     )
     manifest = tokens.read_manifest(cfg.data.train)
-    cache = tokens.read_caption_cache(cfg.data.train) if cfg.model.kind == "text" else None
+    uses_captions = generator_conditioning(cfg).uses_captions
+    cache = tokens.read_caption_cache(cfg.data.train) if uses_captions else None
     captions = cache[0] if cache else None  # the driver keeps the names, workers the states
     del cache
     init = None
@@ -222,7 +209,8 @@ def main(argv: list[str] | None = None) -> str:
     run = stage.start(cfg, "generator", tags=tags)
     tracking_uri = run.tracking_uri
     held_out = tokens.load_tokens(cfg.data.val or cfg.data.train, limit=cfg.loop.eval_images)
-    eval_batch = batch_arrays(held_out, cfg.model.kind, caption_list)
+    kind = generator_conditioning(cfg)  # after init_from: a fine-tuned export keeps its kind
+    eval_batch = kind.batch_arrays(held_out, caption_list)
     eval_batch.pop("token_flip", None)
     out_uri = run.export_uri
     # A fine-tuned generator keeps the normalisation its weights were trained with.
@@ -256,7 +244,7 @@ def main(argv: list[str] | None = None) -> str:
         cache = tokens.read_caption_cache(cfg.data.train) if captions else None
 
         def convert(rows: dict[str, Any]) -> dict[str, np.ndarray]:
-            return batch_arrays(rows, cfg.model.kind, caption_list)
+            return kind.batch_arrays(rows, caption_list)
 
         data = stream = None
         if streamed:

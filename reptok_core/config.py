@@ -10,6 +10,7 @@ Every field's help text lives in its dataclass as `field(metadata={"help": ...})
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -35,6 +37,41 @@ def section(factory: type, help: str) -> Any:
 
 class ConfigError(ValueError):
     pass
+
+
+class Switch(enum.StrEnum):
+    """A three-way option: forced on, forced off, or decided at run time (`auto`).
+
+    Parses the words people write for a boolean too (true/false, yes/no, 1/0, YAML booleans);
+    being a `str`, a member equals its word ("auto") and prints as it.
+    """
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Switch | None:
+        word = str(value).lower()
+        if word in ("true", "yes", "1"):
+            return cls.ON
+        if word in ("false", "no", "0"):
+            return cls.OFF
+        return cls.__members__.get(word.upper())
+
+    def decide(self, auto: bool) -> bool:
+        """on -> True, off -> False, auto -> `auto` (what the run-time check found)."""
+        return self is Switch.ON or (self is Switch.AUTO and auto)
+
+
+def choice(cls: type[E], value: Any, where: str) -> E:
+    """`value` as a member of the enum `cls` (Switch, Precision, ...); a ConfigError naming the
+    option `where` and the choices otherwise."""
+    try:
+        return cls(value)
+    except ValueError:
+        words = " | ".join(m.value for m in cls)
+        raise ConfigError(f"{where}={value!r}; expected one of {words}") from None
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -58,6 +95,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return choice(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -96,7 +135,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain values only (enum options become their words), ready for JSON, YAML and MLflow."""
+
+    def plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        return {k: v.value if isinstance(v, enum.Enum) else v for k, v in items}
+
+    return dataclasses.asdict(cfg, dict_factory=plain)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -175,5 +219,9 @@ def describe(cls: type, prefix: str = "") -> str:
             lines.append(describe(tp, f"{prefix}{f.name}."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            words = " | ".join(m.value for m in tp)
+            lines.append(f"  {prefix}{f.name}={default.value}  ({words})\n      {help_text}")
+            continue
         lines.append(f"  {prefix}{f.name}={default!r}\n      {help_text}")
     return "\n".join(lines)

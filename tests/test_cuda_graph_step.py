@@ -21,8 +21,8 @@ def test_auto_captures_only_one_cuda_worker_with_a_capture_safe_task():
 def test_on_where_impossible_names_the_option():
     with pytest.raises(ValueError, match="loop.cuda_graph=on needs one CUDA worker"):
         resolve("on", CPU, distributed=False, capturable=True)
-    with pytest.raises(ValueError, match="loop.cuda_graph='yes'"):
-        resolve("yes", CUDA, distributed=False, capturable=True)
+    with pytest.raises(ValueError, match="loop.cuda_graph='maybe'"):
+        resolve("maybe", CUDA, distributed=False, capturable=True)
 
 
 def test_batches_with_other_shapes_or_text_fields_are_not_replayed():

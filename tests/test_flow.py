@@ -65,7 +65,7 @@ def test_t_samplers():
         flow.sample_t(3, "beta")
 
 
-def test_cfg_scale_one_is_conditional_and_interval_respected():
+def test_guidance_scale_one_is_conditional_and_interval_respected():
     cond = lambda x, t: torch.ones_like(x)  # noqa: E731
     calls = []
     uncond = lambda x, t: calls.append(t[0].item()) or -torch.ones_like(x)  # noqa: E731

@@ -130,11 +130,15 @@ def test_finetuning_starts_from_an_export_with_its_normaliser(tmp_path):
     export_generator(trained.model.state_dict(), cfg, trained.normalizer, str(tmp_path))
     init = load_generator(str(tmp_path))
     requested = generator_preset("paper")  # only its training / sampling choices may apply
-    requested.cfg_scale, requested.cfg_interval = 3.0, [0.2, 0.8]
+    requested.guidance_scale, requested.guidance_interval = 3.0, [0.2, 0.8]
     requested.flow.t_sampler = "uniform"
     ft = finetune_generator_config(requested, init.cfg)
     assert ft.mixer == cfg.mixer and ft.token_scale == 2.5
-    assert (ft.cfg_scale, ft.cfg_interval, ft.flow.t_sampler) == (3.0, [0.2, 0.8], "uniform")
+    assert (ft.guidance_scale, ft.guidance_interval, ft.flow.t_sampler) == (
+        3.0,
+        [0.2, 0.8],
+        "uniform",
+    )
     task = GeneratorTask(
         ft,
         init.normalizer,

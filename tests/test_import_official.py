@@ -60,8 +60,8 @@ def test_exports_reproduce_the_official_outputs(imported):
             gen.model,
             gen.normalizer,
             labels=ref["gen.y"],
-            scale=gen.cfg.cfg_scale,
-            interval=tuple(gen.cfg.cfg_interval),
+            scale=gen.cfg.guidance_scale,
+            interval=tuple(gen.cfg.guidance_interval),
             steps=10,
             noise=ref["gen.noise"][:, 0],
         )

@@ -66,19 +66,19 @@ def test_class_and_text_tokens_match_sample_tokens(models):
     _, g = models
     inf = Inference(max_batch=8)
     labels = [1, 4, 7]
-    got = inf.class_tokens(g, labels, scale=1.5, steps=5, seed=3)  # padded with the null class
+    got = inf.tokens(g, labels, scale=1.5, steps=5, seed=3)  # padded with the null class
     want = sample_tokens(g.model, g.normalizer, labels=torch.tensor(labels), scale=1.5,
-                         interval=tuple(g.cfg.cfg_interval), steps=5, seed=3)  # fmt: skip
+                         interval=tuple(g.cfg.guidance_interval), steps=5, seed=3)  # fmt: skip
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(got, inf.class_tokens(g, labels, scale=1.5, steps=5, seed=4))
+    assert not torch.allclose(got, inf.tokens(g, labels, scale=1.5, steps=5, seed=4))
 
     tcfg = generator_preset("tiny", kind="text")
     tcfg.text = dataclasses.replace(tcfg.text, token_dim=g.cfg.mixer.token_dim, text_dim=12)
     t = LoadedGenerator(_nonzero(build_model(tcfg)), g.normalizer, tcfg, {})
     states, mask = torch.randn(3, 5, 12), torch.tensor([[1, 1, 1, 0, 0]] * 3).bool()
-    got = inf.text_tokens(t, (states, mask), scale=2.0, steps=5, seed=3)  # padded to 4 rows
+    got = inf.tokens(t, (states, mask), scale=2.0, steps=5, seed=3)  # padded to 4 rows
     want = sample_tokens(t.model, t.normalizer, text=(states, mask), scale=2.0,
-                         interval=tuple(tcfg.cfg_interval), steps=5, seed=3)  # fmt: skip
+                         interval=tuple(tcfg.guidance_interval), steps=5, seed=3)  # fmt: skip
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -130,8 +130,8 @@ def test_concurrent_class_requests_share_one_solve_with_their_own_seeds(models):
     _, g = models
     inf = Inference(max_batch=8)
     requests = [([1, 4], 3), ([7], 9), ([0, 0, 2], 3)]
-    together = inf.class_tokens_of(requests, g, scale=1.5, steps=5)
+    together = inf.tokens_of(requests, g, scale=1.5, steps=5)
     assert [t.shape[0] for t in together] == [2, 1, 3]
     for (labels, seed), got in zip(requests, together, strict=True):
-        alone = inf.class_tokens(g, labels, scale=1.5, steps=5, seed=seed)
+        alone = inf.tokens(g, labels, scale=1.5, steps=5, seed=seed)
         torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)

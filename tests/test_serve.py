@@ -173,7 +173,7 @@ def test_every_endpoint(service):
     images = r.json()["images"]
     assert len(images) == 3
     assert all(_read_png(base64.b64decode(b)).shape == (SIZE, SIZE, 3) for b in images)
-    r = _post(service, "/generate", json={"label": 0, "n": 2, "steps": 2, "cfg_scale": 1.0})
+    r = _post(service, "/generate", json={"label": 0, "n": 2, "steps": 2, "guidance_scale": 1.0})
     assert _read_png(r.content).shape == (SIZE, 2 * SIZE, 3)
 
     r = _post(service, "/text-to-image", json={"prompt": "a red ankle boot", "n": 2, "steps": 2})
@@ -224,7 +224,7 @@ BAD_REQUESTS = [
     ("/generate", {"json": {"label": 1, "steps": 0}}, 422, "greater than or equal to 1"),
     ("/generate", {"json": {"label": True}}, 422, "label"),
     ("/generate", {"data": b""}, 400, "JSON"),
-    ("/generate", {"json": {"label": 1, "cfg_scale": 99.0}}, 422, "cfg_scale"),
+    ("/generate", {"json": {"label": 1, "guidance_scale": 99.0}}, 422, "guidance_scale"),
     ("/generate", {"json": {"label": 1, "seed": -2}}, 422, "seed"),
     ("/text-to-image", {"json": {"prompt": "   "}}, 422, "pattern"),
     ("/text-to-image", {"json": {"prompt": "x" * 1001}}, 422, "prompt"),

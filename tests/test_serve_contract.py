@@ -71,7 +71,7 @@ def test_bounds_in_the_document_are_the_deployed_ones():
     "body",
     [
         b'{"label": 3}',
-        b'{"label": 3.0, "n": 2.0, "steps": 20, "cfg_scale": 1}',  # JSON Schema integers
+        b'{"label": 3.0, "n": 2.0, "steps": 20, "guidance_scale": 1}',  # JSON Schema integers
         b'{"label": [0, 9], "seed": 9223372036854775807, "format": "json"}',
     ],
 )

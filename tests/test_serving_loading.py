@@ -33,7 +33,7 @@ def test_reload_only_when_a_reference_or_a_preparation_setting_changes(tiny_toke
     assert graphs is not None and graphs.inference.graphs.max_graphs == 0
 
 
-@pytest.mark.parametrize("key,value", [("precision", "fp16"), ("compile", "yes")])
+@pytest.mark.parametrize("key,value", [("precision", "fp16"), ("compile", "maybe")])
 def test_bad_preparation_settings_name_the_option(tiny_tokenizer_export, key, value):
     settings = ModelSettings(tokenizer=tiny_tokenizer_export, **{key: value})
     with pytest.raises(ValueError, match=f"model.{key}={value!r}"):

@@ -16,7 +16,7 @@ from reptok_core.exports.generator import load_generator
 from reptok_core.exports.tokenizer import load_tokenizer
 from reptok_core.formats.token_stream import TokenStream
 from reptok_core.formats.tokens import MANIFEST, load_tokens, read_manifest, tokens_table
-from reptok_core.models.generator import sample_tokens
+from reptok_core.models.generator import CONDITIONINGS, sample_tokens
 
 
 def _write_tokens(uri: str, sizes: list[int], row_group: int) -> str:
@@ -42,7 +42,7 @@ def test_stream_gives_every_row_once_per_epoch_across_ranks(where, tmp_path, req
     uri = _write_tokens(f"{root}/tokens", [40, 33, 23], row_group=7)  # 6 batches of 8 per rank
 
     def convert(rows):
-        return train_generator.batch_arrays(rows, "class", None)
+        return CONDITIONINGS["class"].batch_arrays(rows, None)
 
     streams = [TokenStream(uri, convert, shuffle_buffer=10, rank=r, world_size=2) for r in (0, 1)]
 
@@ -76,7 +76,7 @@ def test_in_memory_auto_follows_the_budget():
     data.in_memory = "false"
     assert train_generator.streams_tokens(data, manifest)
     with pytest.raises(SystemExit, match="in_memory"):
-        train_generator.streams_tokens(train_generator.DataSettings(in_memory="yes"), manifest)
+        train_generator.streams_tokens(train_generator.DataSettings(in_memory="maybe"), manifest)
 
 
 @pytest.fixture(scope="module")

@@ -170,7 +170,7 @@ class Api:
         req = await self._parse(request, self._models(info).generate)
         labels = req.label if isinstance(req.label, list) else [req.label] * (req.n or 1)
         steps, seed = self._steps(req.steps), req.seed
-        scale = gen["cfg_scale"] if req.cfg_scale is None else req.cfg_scale
+        scale = gen["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
         tokens = await self.models.class_tokens.remote(labels, scale, steps, seed)
         images = await self._decode_all(list(tokens), steps, [seed + i for i in range(len(labels))])
         return _png_response(images, req.format, {"labels": labels, "steps": steps, "seed": seed})
@@ -185,7 +185,7 @@ class Api:
             )
         req = await self._parse(request, self._models(info).text_to_image)
         prompt, n, steps, seed = req.prompt.strip(), req.n, self._steps(req.steps), req.seed
-        scale = gen["cfg_scale"] if req.cfg_scale is None else req.cfg_scale
+        scale = gen["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
         tokens = await self.models.text_tokens.remote(prompt, n, scale, steps, seed)
         images = await self._decode_all(list(tokens), steps, [seed + i for i in range(n)])
         return _png_response(images, req.format, {"prompt": prompt, "steps": steps, "seed": seed})

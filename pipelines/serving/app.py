@@ -7,24 +7,11 @@ from typing import Any
 
 from ray import serve
 
+from pipelines.common import resolve_use_gpu
 from pipelines.serving.api import Api
 from pipelines.serving.config import ServeConfig
 from pipelines.serving.models import Models
 from reptok_core.config import load_config, to_dict
-
-
-def _use_gpu(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    import ray
-
-    if ray.is_initialized():
-        return ray.cluster_resources().get("GPU", 0) > 0
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def bind(cfg: ServeConfig) -> Any:
@@ -43,7 +30,10 @@ def bind(cfg: ServeConfig) -> Any:
             raise ValueError(msg)
     models = serve.deployment(Models).options(
         name="Models",
-        ray_actor_options={"num_cpus": s.model_cpus, "num_gpus": 1 if _use_gpu(s.use_gpu) else 0},
+        ray_actor_options={
+            "num_cpus": s.model_cpus,
+            "num_gpus": 1 if resolve_use_gpu(s.use_gpu, "scaling.use_gpu") else 0,
+        },
         autoscaling_config={
             "min_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reptok_core.config import opt, section
+from reptok_core.config import Switch, opt, section
+from reptok_core.device import Precision
 
 
 @dataclass
@@ -26,25 +27,25 @@ class ModelSettings:
         0.0, "check registry aliases every N seconds and reload when one moved (0 = never)"
     )
     cache_dir: str = opt("", "where registry versions are downloaded ('' = the temp folder)")
-    precision: str = opt(
-        "auto",
-        "weights of the decoder, the SD-VAE and the generators: 'bf16', 'fp32', or 'auto' (bf16 "
-        "on a GPU that has it); the ODE state and the encoder stay fp32",
+    precision: Precision = opt(
+        Precision.AUTO,
+        "weights of the decoder, the SD-VAE and the generators: bf16, fp32, or auto (bf16 on a "
+        "GPU that has it); the ODE state and the encoder stay fp32",
     )
-    compile: str = opt(
-        "auto",
-        "torch.compile every decoder and class-mixer block: 'auto' (on a GPU), 'true', 'false'. "
+    compile: Switch = opt(
+        Switch.AUTO,
+        "torch.compile every decoder and class-mixer block: auto (on a GPU), on, off. "
         "One 256-px image on an H200: 0.155 s instead of 0.265 s; the first request of a new "
         "batch bucket compiles (10-20 s)",
     )
     warmup_steps: int = opt(
         50,
         "on a GPU, run each loaded model twice at batch 1 with this many steps (and the "
-        "generator's own CFG scale) before serving, so the first requests find compiled blocks "
+        "generator's own guidance scale) before serving, so the first requests find compiled blocks "
         "and captured graphs; set it to limits.default_steps; 0 = no warm-up",
     )
     max_graphs: int = opt(
-        32, "CUDA graphs kept per replica, one per (batch bucket, steps, CFG scale); 0 = eager"
+        32, "CUDA graphs kept per replica, one per (batch bucket, steps, guidance scale); 0 = eager"
     )
 
 
@@ -56,13 +57,13 @@ class LimitSettings:
     max_upload_bytes: int = opt(10_000_000, "largest accepted image upload, in bytes")
     max_pixels: int = opt(40_000_000, "largest accepted image, width x height (checked pre-decode)")
     max_prompt_chars: int = opt(1000, "longest accepted text prompt")
-    max_cfg_scale: float = opt(20.0, "largest classifier-free guidance scale")
+    max_guidance_scale: float = opt(20.0, "largest classifier-free guidance scale")
 
 
 @dataclass
 class ScalingSettings:
-    use_gpu: str = opt(
-        "auto", "'auto' (a GPU per model replica when the cluster has GPUs), true, false"
+    use_gpu: Switch = opt(
+        Switch.AUTO, "a GPU per model replica: auto (when the cluster has GPUs), on, off"
     )
     model_cpus: float = opt(1.0, "CPUs reserved per model replica")
     ingress_cpus: float = opt(0.5, "CPUs reserved per ingress replica")

@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # torch is imported on the replicas only, not by the ingress 
     import torch
 
 ROLES = ("tokenizer", "generator", "text_generator")
+# The conditioning each generator role needs: /generate samples labels, /text-to-image captions.
+GENERATOR_KINDS = {"generator": "class", "text_generator": "text"}
 
 
 @dataclass
@@ -44,6 +46,8 @@ def load_changed(
     """The models `settings` ask for, reusing what `old` already holds; None when nothing
     changed (same references, registry versions, precision, compile and graph settings).
     Raises ValueError on a bad combination."""
+    from reptok_core.config import Switch, choice
+    from reptok_core.device import resolve_precision
     from reptok_core.exports.generator import load_generator
     from reptok_core.exports.tokenizer import load_tokenizer
     from reptok_core.models.layers import compile_blocks
@@ -76,25 +80,23 @@ def load_changed(
         inference=Inference(max_batch, settings.max_graphs),
         knobs=knobs,
     )
-    if "generator" in refs:
-        new.generator = (
-            old.generator if same("generator") else load_generator(fetch("generator"), device)
-        )
-        if new.generator.cfg.kind != "class":
-            raise ValueError(f"model.generator {wanted['generator']!r} is not class-conditional")
-    if "text_generator" in refs:
-        if same("text_generator"):
-            new.text_generator, new.text_encoder = old.text_generator, old.text_encoder
-        else:
-            new.text_generator = load_generator(fetch("text_generator"), device)
-            if new.text_generator.cfg.kind != "text":
-                raise ValueError(
-                    f"model.text_generator {wanted['text_generator']!r} is not text-conditioned"
-                )
-            name = new.text_generator.text_encoder or OFFLINE_MINILM
-            new.text_encoder = TextEncoder(name).to(device)
-    dtype = _weights_dtype(settings.precision, device)
-    compiled = _flag(settings.compile, "model.compile", device)
+    for role, kind in GENERATOR_KINDS.items():
+        if role not in refs:
+            continue
+        g = getattr(old, role) if same(role) else load_generator(fetch(role), device)
+        if g.conditioning.kind != kind:
+            raise ValueError(
+                f"model.{role} {wanted[role]!r} is a {g.conditioning.kind}-conditioned "
+                f"generator; model.{role} serves {kind}-conditioned ones"
+            )
+        setattr(new, role, g)
+    if same("text_generator"):
+        new.text_encoder = old.text_encoder
+    elif new.text_generator is not None:
+        name = new.text_generator.text_encoder or OFFLINE_MINILM
+        new.text_encoder = TextEncoder(name).to(device)
+    dtype = resolve_precision(settings.precision, device, "model.precision").dtype
+    compiled = choice(Switch, settings.compile, "model.compile").decide(device.type == "cuda")
     if not same("tokenizer"):
         cast_weights(new.tokenizer.decoder, dtype)
         cast_weights(new.tokenizer.latent_space, dtype)
@@ -124,26 +126,9 @@ def warm_up(m: Loaded, steps: int) -> None:
     for _ in range(2):
         z = torch.zeros(1, m.tokenizer.token_dim)
         if m.generator is not None:
-            z = m.inference.class_tokens(m.generator, [0], m.generator.cfg.cfg_scale, steps, 0)
+            z = m.inference.tokens(m.generator, [0], m.generator.cfg.guidance_scale, steps, 0)
         if m.text_generator is not None:
             text = m.text_encoder(["a photo"])
-            scale = m.text_generator.cfg.cfg_scale
-            m.inference.text_tokens(m.text_generator, text, scale, steps, 0)
+            scale = m.text_generator.cfg.guidance_scale
+            m.inference.tokens(m.text_generator, text, scale, steps, 0)
         m.inference.decode(m.tokenizer, z.cpu(), steps, [0])
-
-
-def _flag(value: str, name: str, device: torch.device) -> bool:
-    if value not in ("auto", "true", "false"):
-        raise ValueError(f"{name}={value!r}; expected 'auto', 'true' or 'false'")
-    return value == "true" or (value == "auto" and device.type == "cuda")
-
-
-def _weights_dtype(precision: str, device: torch.device) -> torch.dtype:
-    import torch
-
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"model.precision={precision!r}; expected 'auto', 'bf16' or 'fp32'")
-    bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    return torch.bfloat16 if bf16 else torch.float32

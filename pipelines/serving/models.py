@@ -28,10 +28,10 @@ class Models:
     """Tokenizer + generators on one device; batched encode / decode."""
 
     def __init__(self, scaling: dict[str, Any]):
-        import torch
+        from reptok_core.device import resolve_device
 
         s = from_dict(ScalingSettings, scaling)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device()
         self.loaded: Loaded | None = None
         self.settings: ModelSettings | None = None
         self.max_batch_seen = 0
@@ -95,12 +95,11 @@ class Models:
                 return None
             ref, version = m.refs[role]
             out = {"uri": ref, "version": version, "kind": g.cfg.kind}
-            out.update(cfg_scale=g.cfg.cfg_scale, cfg_interval=list(g.cfg.cfg_interval))
-            if g.cfg.kind == "class":
-                out["num_classes"] = g.cfg.mixer.num_classes
-            else:
-                out["text_encoder"] = g.text_encoder
-            return out
+            out.update(
+                guidance_scale=g.cfg.guidance_scale,
+                guidance_interval=list(g.cfg.guidance_interval),
+            )
+            return {**out, **g.conditioning.describe(g.cfg, g.meta)}
 
         ref, version = m.refs["tokenizer"]
         return {
@@ -189,9 +188,7 @@ class Models:
         out: list[np.ndarray | None] = [None] * len(labels)
         for key in sorted(set(zip(scale, steps, strict=True))):  # one solve per (scale, steps)
             idx = [i for i, k in enumerate(zip(scale, steps, strict=True)) if k == key]
-            tokens = m.inference.class_tokens_of(
-                [(labels[i], seed[i]) for i in idx], m.generator, *key
-            )
+            tokens = m.inference.tokens_of([(labels[i], seed[i]) for i in idx], m.generator, *key)
             for i, t in zip(idx, tokens, strict=True):
                 out[i] = t.cpu().numpy()
         return out
@@ -203,6 +200,6 @@ class Models:
 
         def run() -> np.ndarray:
             text = m.text_encoder([prompt] * n)
-            return m.inference.text_tokens(m.text_generator, text, scale, steps, seed).cpu().numpy()
+            return m.inference.tokens(m.text_generator, text, scale, steps, seed).cpu().numpy()
 
         return await asyncio.to_thread(run)

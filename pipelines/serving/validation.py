@@ -104,7 +104,11 @@ def request_models(limits: LimitSettings, facts: ModelFacts) -> RequestModels:
     seed = integer(ge=0, le=MAX_SEED, description="sampling seed")
     scale = Annotated[
         float,
-        Field(ge=0, le=limits.max_cfg_scale, description="default: the generator's own"),
+        Field(
+            ge=0,
+            le=limits.max_guidance_scale,
+            description="classifier-free guidance scale; default: the generator's own",
+        ),
     ]
     fmt = Annotated[
         Literal["png", "json"],
@@ -113,7 +117,7 @@ def request_models(limits: LimitSettings, facts: ModelFacts) -> RequestModels:
     top = None if facts.num_classes is None else facts.num_classes - 1
     label = integer(ge=0, le=top, description="class id")
     common = {
-        "cfg_scale": (scale | None, None),
+        "guidance_scale": (scale | None, None),
         "steps": (steps | None, None),
         "seed": (seed, 0),
         "format": (fmt, "png"),

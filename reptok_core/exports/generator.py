@@ -12,12 +12,12 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from reptok_core.config import from_dict, to_dict
 from reptok_core.formats.token_stats import TokenNormalizer
-from reptok_core.models.generator import GeneratorConfig, build_model
+from reptok_core.models.generator import Conditioning, GeneratorConfig, build_model, conditioning
 
 EXPORT_WEIGHTS = "generator.safetensors"
-
-
 EXPORT_CONFIG = "generator.json"
+# Exports written before the guidance options got their names ("cfg" meant config elsewhere).
+_RENAMED = {"cfg_scale": "guidance_scale", "cfg_interval": "guidance_interval"}
 
 
 @dataclass
@@ -26,6 +26,10 @@ class LoadedGenerator:
     normalizer: TokenNormalizer
     cfg: GeneratorConfig
     meta: dict[str, Any]
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return conditioning(self.cfg)
 
     @property
     def text_encoder(self) -> str | None:
@@ -55,7 +59,8 @@ def load_generator(uri: str, device: torch.device | str = "cpu") -> LoadedGenera
     from reptok_core.storage import join, read_bytes
 
     meta = json.loads(read_bytes(join(uri, EXPORT_CONFIG)))
-    cfg = from_dict(GeneratorConfig, meta["config"])
+    config = {_RENAMED.get(k, k): v for k, v in meta["config"].items()}
+    cfg = from_dict(GeneratorConfig, config)
     state = load_safetensors_bytes(read_bytes(join(uri, EXPORT_WEIGHTS)))
     normalizer = TokenNormalizer(state.pop("normalizer.mean"), state.pop("normalizer.std"))
     model = build_model(cfg)

@@ -13,12 +13,11 @@ def load_vae(model: str) -> Any:
     Latents are the posterior mean, not a sample, so re-running a shard writes identical bytes
     (idempotence) and training can add its own noise; they are scaled by the VAE's factor.
     """
-    import torch
-
+    from reptok_core.device import resolve_device
     from reptok_core.models.latent_space import SDVAESpace  # lazy: diffusers is heavy
 
     space = SDVAESpace.from_pretrained(model, sample=False)
-    return space.to("cuda" if torch.cuda.is_available() else "cpu")
+    return space.to(resolve_device())
 
 
 def encode_vae_latents(images_uint8: np.ndarray, latent_space: Any) -> np.ndarray:

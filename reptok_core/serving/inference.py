@@ -2,7 +2,7 @@
 power-of-two batch buckets, and on a GPU every (bucket, steps, guidance) replayed from a CUDA
 graph (graph_cache.py). One class-conditional 256-px image on an H200: 1.65 s eager in fp32,
 0.265 s replayed in bf16, 0.155 s with compiled blocks (benchmarks/NOTES.md). The math is
-generator_task.sample_tokens and Tokenizer.decode, unchanged; a request's seed fixes its
+reptok_core/models/generator.py's sampling and Tokenizer.decode, unchanged; a request's seed fixes its
 result, up to the rounding of kernels chosen by batch size (bf16: ~1e-2 relative).
 """
 
@@ -11,15 +11,8 @@ from __future__ import annotations
 import torch
 
 from reptok_core.exports.generator import LoadedGenerator
-from reptok_core.models.generator import sample_tokens, seeded_token_noise
+from reptok_core.models.generator import Condition, pad_rows, seeded_token_noise
 from reptok_core.serving.graph_cache import GraphCache, bucket
-
-
-def _padded(x: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:
-    if x.shape[0] == rows:
-        return x
-    pad = x.new_full((rows - x.shape[0], *x.shape[1:]), fill)
-    return torch.cat([x, pad])
 
 
 def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -52,56 +45,47 @@ class Inference:
             return tok.decode(z, steps, noise=noise)
 
         key = ("decode", id(tok), steps)
-        return self.graphs.run(key, run, _padded(z, rows), _padded(noise, rows))[:n]
+        return self.graphs.run(key, run, pad_rows(z, rows), pad_rows(noise, rows))[:n]
 
-    def class_tokens(
-        self, g: LoadedGenerator, labels: list[int], scale: float, steps: int, seed: int
+    def tokens(
+        self, g: LoadedGenerator, condition: Condition, scale: float, steps: int, seed: int
     ) -> torch.Tensor:
-        """Denormalised tokens (n, D), equal to `sample_tokens(labels=..., seed=seed)`."""
-        return self.class_tokens_of([(labels, seed)], g, scale, steps)[0]
+        """Denormalised tokens (n, D) for the n rows of `condition` (class labels, or caption
+        states and mask; reptok_core.models.generator), equal to `sample_tokens(..., seed=seed)`."""
+        return self.tokens_of([(condition, seed)], g, scale, steps)[0]
 
-    def class_tokens_of(
-        self, requests: list[tuple[list[int], int]], g: LoadedGenerator, scale: float, steps: int
+    def tokens_of(
+        self, requests: list[tuple[Condition, int]], g: LoadedGenerator, scale: float, steps: int
     ) -> list[torch.Tensor]:
-        """Several requests' (labels, seed) sampled as one batch: request i's tokens are those
-        of `class_tokens(g, labels_i, scale, steps, seed_i)` (its rows start from its own
+        """Several requests' (condition, seed) sampled as one batch: request i's tokens are
+        those of `tokens(g, condition_i, scale, steps, seed_i)` (its rows start from its own
         seeded noise), so concurrent requests share one solve."""
+        kind = g.conditioning
         device = next(g.model.parameters()).device
-        counts = [len(labels) for labels, _ in requests]
+        each = [kind.parts(condition, device) for condition, _ in requests]
+        counts = [parts[0].shape[0] for parts in each]
         n = sum(counts)
         rows = bucket(n, max(self.max_batch, n))
-        y = torch.as_tensor([v for labels, _ in requests for v in labels], device=device).long()
+        parts = tuple(torch.cat(column) for column in zip(*each, strict=True))
         noise = torch.cat(
-            [seeded_token_noise(len(lab), g.normalizer, seed) for lab, seed in requests]
+            [
+                seeded_token_noise(c, g.normalizer, seed)
+                for c, (_, seed) in zip(counts, requests, strict=True)
+            ]
         ).to(device)
-        kw = dict(scale=scale, interval=tuple(g.cfg.cfg_interval), steps=steps)
+        interval = tuple(g.cfg.guidance_interval)
 
-        def run(y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-            return sample_tokens(g.model, g.normalizer, labels=y, noise=noise, **kw)
+        def run(noise: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
+            return kind.sample(
+                g.model,
+                g.normalizer,
+                kind.joined(parts),
+                noise=noise,
+                scale=scale,
+                interval=interval,
+                steps=steps,
+            )
 
-        key = ("class", id(g), scale, steps, kw["interval"])
-        y, noise = _padded(y, rows, g.model.null_class), _padded(noise, rows)
-        return list(self.graphs.run(key, run, y, noise)[:n].split(counts))
-
-    def text_tokens(
-        self,
-        g: LoadedGenerator,
-        text: tuple[torch.Tensor, torch.Tensor],
-        scale: float,
-        steps: int,
-        seed: int,
-    ) -> torch.Tensor:
-        """Denormalised tokens (n, D) for caption states `text` = (states, mask) of n rows."""
-        device = next(g.model.parameters()).device
-        states, mask = (v.to(device) for v in text)
-        n = states.shape[0]
-        rows = bucket(n, max(self.max_batch, n))
-        noise = seeded_token_noise(n, g.normalizer, seed).to(device)
-        kw = dict(scale=scale, interval=tuple(g.cfg.cfg_interval), steps=steps)
-
-        def run(states: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-            return sample_tokens(g.model, g.normalizer, text=(states, mask), noise=noise, **kw)
-
-        key = ("text", id(g), scale, steps, kw["interval"])
-        padded = (_padded(states, rows), _padded(mask, rows, 1), _padded(noise, rows))
-        return self.graphs.run(key, run, *padded)[:n]
+        key = (kind.kind, id(g), scale, steps, interval)
+        padded = kind.padded(g.model, parts, rows)
+        return list(self.graphs.run(key, run, pad_rows(noise, rows), *padded)[:n].split(counts))

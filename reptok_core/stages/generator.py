@@ -6,7 +6,8 @@ Public API used by Serve and evaluation:
 
     gen = load_generator(uri)                 # folder written by export_generator (local or s3://)
     gen.model, gen.normalizer, gen.cfg        # nn.Module (eval), TokenNormalizer, GeneratorConfig
-    gen.text_encoder                          # name of the caption encoder (kind == "text")
+    gen.conditioning                          # class or text (reptok_core.models.generator)
+    gen.text_encoder                          # name of the caption encoder (text generators)
     tokens = sample_tokens(gen.model, gen.normalizer, labels=torch.tensor([3, 7]),
                            scale=1.5, interval=(0.3, 0.9), steps=50, seed=0)
     tokens = sample_tokens(gen.model, gen.normalizer, text=TextEncoder(gen.text_encoder)(captions))
@@ -25,7 +26,7 @@ import torch
 
 from reptok_core import flow
 from reptok_core.formats.token_stats import TokenNormalizer
-from reptok_core.models.generator import GeneratorConfig, build_model, sample_tokens
+from reptok_core.models.generator import GeneratorConfig, conditioning
 from reptok_core.training.batches import TensorBatches
 from reptok_core.training.distributed import shard_blocks
 
@@ -37,10 +38,11 @@ def finetune_generator_config(
     requested: GeneratorConfig, exported: GeneratorConfig
 ) -> GeneratorConfig:
     """Fine-tuning an export: its model (kind, sizes, token scaling), with the requested
-    training and sampling choices (the flow's t, CFG scale and interval)."""
+    training and sampling choices (the flow's t, guidance scale and interval)."""
     cfg = copy.deepcopy(exported)
     cfg.flow = copy.deepcopy(requested.flow)
-    cfg.cfg_scale, cfg.cfg_interval = requested.cfg_scale, list(requested.cfg_interval)
+    cfg.guidance_scale = requested.guidance_scale
+    cfg.guidance_interval = list(requested.guidance_interval)
     return cfg
 
 
@@ -72,13 +74,14 @@ class GeneratorTask:
         fid: TrainingFid | None = None,
         init_state: dict[str, torch.Tensor] | None = None,
     ):
-        if cfg.kind == "text" and captions is None:
+        self.conditioning = conditioning(cfg)
+        if self.conditioning.uses_captions and captions is None:
             raise ValueError("a text generator needs the caption cache (captions=(states, mask))")
-        if fid is not None and (cfg.kind != "class" or decoder is None):
+        if fid is not None and (self.conditioning.num_classes(cfg) is None or decoder is None):
             raise ValueError("gFID needs a class-conditional generator and a decoder")
         self.cfg = cfg
         self.device = device
-        self.model = build_model(cfg)
+        self.model = self.conditioning.build(cfg)
         if init_state is not None:  # fine-tuning an export (finetune_generator_config)
             self.model.load_state_dict(init_state)
         self.model.to(device)
@@ -117,15 +120,8 @@ class GeneratorTask:
 
     def _condition(self, batch: dict[str, Any], drop: bool):
         """Returns a function (x, t) -> v conditioned on the batch (with CFG dropout if `drop`)."""
-        if self.cfg.kind == "class":
-            y = torch.as_tensor(batch["label"]).to(self.device).long()
-            if drop:
-                y = self.model.drop_labels(y)
-            return lambda x, t: self.model(x, t, y)
-        idx = torch.as_tensor(batch["caption_idx"]).to(self.device).long()
-        states, mask = self.captions[0][idx], self.captions[1][idx]
-        null = self.model.caption_drop(idx.shape[0], self.device) if drop else None
-        return lambda x, t: self.model(x, t, states, mask, null=null)
+        condition = self.conditioning.condition(batch, self.captions, self.device)
+        return self.conditioning.velocity(self.model, condition, drop)
 
     def loss(self, batch: dict[str, Any], flip: bool = True) -> dict[str, torch.Tensor]:
         z = self._tokens(batch, flip)
@@ -133,15 +129,16 @@ class GeneratorTask:
         return {"flow": loss, "total": loss}
 
     def sample(self, batch: dict[str, Any], steps: int, seed: int = 0) -> torch.Tensor:
-        """Denormalised samples for the batch's conditions, with the config's CFG."""
-        kw: dict[str, Any] = dict(
-            scale=self.cfg.cfg_scale, interval=tuple(self.cfg.cfg_interval), steps=steps, seed=seed
+        """Denormalised samples for the batch's conditions, with the config's guidance."""
+        return self.conditioning.sample(
+            self.model,
+            self.normalizer,
+            self.conditioning.condition(batch, self.captions, self.device),
+            scale=self.cfg.guidance_scale,
+            interval=tuple(self.cfg.guidance_interval),
+            steps=steps,
+            seed=seed,
         )
-        if self.cfg.kind == "class":
-            return sample_tokens(self.model, self.normalizer, labels=batch["label"], **kw)
-        idx = torch.as_tensor(batch["caption_idx"]).to(self.device).long()
-        text = (self.captions[0][idx], self.captions[1][idx])
-        return sample_tokens(self.model, self.normalizer, text=text, **kw)
 
     @torch.no_grad()
     def evaluate(
@@ -158,15 +155,15 @@ class GeneratorTask:
         val = flow.validation_loss(self._condition(batch, drop=False), z, seed=seed)
         samples = self.normalizer.normalize(self.sample(batch, steps, seed))
         metrics = {"val_flow": val.mean().item(), "sample_std": samples.std(0).mean().item()}
-        if self.cfg.kind == "class":
+        if "label" in batch:  # class generators: how close samples come to their class
             metrics.update(class_distances(samples, z, torch.as_tensor(batch["label"])))
         if self.fid is not None:
             gfid = self.fid.measure(
                 self.model,
                 self.normalizer,
                 self.decoder,
-                scale=self.cfg.cfg_scale,
-                interval=tuple(self.cfg.cfg_interval),
+                scale=self.cfg.guidance_scale,
+                interval=tuple(self.cfg.guidance_interval),
                 steps=steps,
                 seed=seed,
             )

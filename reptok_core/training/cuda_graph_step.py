@@ -21,21 +21,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from reptok_core.config import Switch, choice
 from reptok_core.training.optim import EMA, set_lr, update
 
 
-def resolve(setting: str, device: torch.device, distributed: bool, capturable: bool) -> bool:
-    """`loop.cuda_graph` ('auto' | 'on' | 'off') -> whether to capture the step."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"loop.cuda_graph={setting!r}; expected 'auto', 'on' or 'off'")
+def resolve(
+    setting: Switch | str, device: torch.device, distributed: bool, capturable: bool
+) -> bool:
+    """`loop.cuda_graph` (a Switch) -> whether to capture the step."""
+    setting = choice(Switch, setting, "loop.cuda_graph")
     possible = device.type == "cuda" and not distributed and capturable
-    if setting == "on" and not possible:
+    if setting is Switch.ON and not possible:
         raise ValueError(
             "loop.cuda_graph=on needs one CUDA worker (no FSDP sharding) and a task whose loss "
             f"is capture-safe; here device={device}, distributed={distributed}, "
             f"task capture-safe={capturable}. Use loop.cuda_graph=auto or off."
         )
-    return possible and setting != "off"
+    return setting.decide(possible)
 
 
 def _signature(batch: dict[str, Any]) -> tuple | None:

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from reptok_core import storage
-from reptok_core.config import opt
+from reptok_core.config import Switch, opt
+from reptok_core.device import Precision, resolve_precision
 from reptok_core.training import cuda_graph_step
 from reptok_core.training.checkpoints import FRESH, read_checkpoint, write_checkpoint
 from reptok_core.training.distributed import full_state_dict, is_distributed, world
@@ -45,12 +46,14 @@ from reptok_core.training.optim import EMA, OptimConfig, build_optimizer, lr_at,
 class LoopConfig:
     steps: int = opt(1000, "total optimisation steps")
     batch_size: int = opt(32, "batch size per worker")
-    precision: str = opt("auto", "'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU)")
+    precision: Precision = opt(
+        Precision.AUTO, "bf16 autocast, fp32, or auto (bf16 on a GPU that has it, fp32 elsewhere)"
+    )
     compile: bool = opt(False, "torch.compile each transformer block (GPU)")
-    cuda_graph: str = opt(
-        "auto",
-        "capture the training step as a CUDA graph: 'auto' (when there is one CUDA worker and "
-        "the task allows it: the stage-2 generators), 'on' (error if impossible), 'off'",
+    cuda_graph: Switch = opt(
+        Switch.AUTO,
+        "capture the training step as a CUDA graph: auto (when there is one CUDA worker and "
+        "the task allows it: the stage-2 generators), on (error if impossible), off",
     )
     log_every: int = opt(10, "steps between metric logs / progress lines")
     checkpoint_every: int = opt(500, "steps between sharded checkpoints (and one at the end)")
@@ -128,12 +131,6 @@ class TaskBatches:
         return self.task.epoch_batches(epoch, self.batch_size, self.seed)
 
 
-def precision_for(cfg: LoopConfig, device: torch.device) -> str:
-    if cfg.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return cfg.precision
-
-
 def _epochs(source: BatchSource, start_epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
     """(epoch, index in epoch, batch) forever, skipping `skip` batches of the first epoch on resume."""
     epoch = start_epoch
@@ -192,7 +189,7 @@ def run(
     if loop.compile:
         for block in task.blocks():
             block.compile()
-    precision = precision_for(loop, device)
+    precision = resolve_precision(loop.precision, device, "loop.precision")
     optimizer = build_optimizer(model.parameters(), optim, device)
     ema = EMA(model, optim.ema_decay)
     with checkpoints.latest() as folder:
