@@ -86,11 +86,11 @@ class TrainGeneratorConfig:
 
 def fit_to_tokens(
     cfg: TrainGeneratorConfig, manifest: dict[str, Any], captions: dict[str, Any] | None
-) -> None:
-    """Shape the model to the data: token (and text) width from the manifest, class count checked."""
+) -> dict[str, int]:
+    """The model's data-given sizes (`build_model`'s token_dim, text_dim) from the manifest and
+    caption cache; the class count checked."""
     m = cfg.model
     if m.kind == "class":
-        m.mixer.token_dim = manifest["dim"]
         if manifest["num_classes"] < 1:
             raise SystemExit(f"error: {cfg.data.train!r} has no labels; use model.kind=text")
         if manifest["num_classes"] > m.mixer.num_classes:
@@ -98,23 +98,22 @@ def fit_to_tokens(
                 f"error: the tokens have labels up to {manifest['num_classes'] - 1} but "
                 f"model.mixer.num_classes={m.mixer.num_classes}"
             )
-    elif m.kind == "text":
+        return {"token_dim": manifest["dim"]}
+    if m.kind == "text":
         if captions is None:
             raise SystemExit(
                 f"error: {cfg.data.train!r} has no caption cache; run encode_tokens with "
                 "encode.text_encoder set"
             )
-        m.text.token_dim, m.text.text_dim = manifest["dim"], captions["dim"]
-    else:
-        raise SystemExit(f"error: model.kind={m.kind!r}; expected 'class' or 'text'")
+        return {"token_dim": manifest["dim"], "text_dim": captions["dim"]}
+    raise SystemExit(f"error: model.kind={m.kind!r}; expected 'class' or 'text'")
 
 
 def check_fits_tokens(cfg: TrainGeneratorConfig, manifest: dict[str, Any], init: Any) -> None:
     """A generator to fine-tune must already fit the tokens: same width, enough classes."""
-    model = cfg.model.mixer if cfg.model.kind == "class" else cfg.model.text
-    if model.token_dim != manifest["dim"]:
+    if init.model.token_dim != manifest["dim"]:
         raise SystemExit(
-            f"error: init_from={cfg.init_from!r} generates {model.token_dim}-dim tokens but "
+            f"error: init_from={cfg.init_from!r} generates {init.model.token_dim}-dim tokens but "
             f"{cfg.data.train!r} holds {manifest['dim']}-dim tokens"
         )
     if cfg.model.kind == "class" and manifest["num_classes"] > cfg.model.mixer.num_classes:
@@ -204,8 +203,9 @@ def main(argv: list[str] | None = None) -> str:
         init = load_generator(model_uri.resolve(cfg.init_from, common.mlflow_uri(cfg.run)).folder)
         cfg.model = finetune_generator_config(cfg.model, init.cfg)
         check_fits_tokens(cfg, manifest, init)
+        sizes = init.model.sizes
     else:
-        fit_to_tokens(cfg, manifest, captions)
+        sizes = fit_to_tokens(cfg, manifest, captions)
     caption_list = captions["captions"] if captions else None
     tokenizer = cfg.data.tokenizer or manifest["tokenizer"]
     check_fid(cfg, tokenizer)
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> str:
             run_id=run_id,
             tracking_uri=tracking_uri,
             export_fn=lambda state: export_generator(
-                state, cfg.model, normalizer, out_uri, lineage
+                state, cfg.model, sizes, normalizer, out_uri, lineage
             ),
             run_dir=run_dir,
             local_batches=True,

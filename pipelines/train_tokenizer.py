@@ -73,15 +73,26 @@ def main(argv: list[str] | None = None) -> str:
 
         # Resolved again here: a registry download on the driver is not on the worker's node.
         init = model_uri.resolve(cfg.init_from, tracking_uri).folder if cfg.init_from else ""
+        built = []  # the task, for the decoder sizes its encoder and latent space gave
+
+        def make_task(device):
+            built.append(TokenizerTask(cfg.model, device, init_from=init))
+            return built[-1]
+
         train_loop.run(
-            lambda device: TokenizerTask(cfg.model, device, init_from=init),
+            make_task,
             cfg.loop,
             cfg.optim,
             eval_batch=eval_batch,
             run_id=run_id,
             tracking_uri=tracking_uri,
             export_fn=lambda state: export_tokenizer(
-                state, cfg.model, out_uri, {"mlflow_run_id": run_id}, vae_config
+                state,
+                cfg.model,
+                built[-1].model.decoder.sizes,
+                out_uri,
+                {"mlflow_run_id": run_id},
+                vae_config,
             ),
             run_dir=run_dir,
         )

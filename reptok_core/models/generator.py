@@ -10,12 +10,8 @@ import torch
 from reptok_core import flow
 from reptok_core.config import opt, section
 from reptok_core.formats.token_stats import TokenNormalizer
-from reptok_core.models.mixer import MIXER_PRESETS, MixerConfig, MixerGenerator
-from reptok_core.models.text_generator import (
-    TEXT_GENERATOR_PRESETS,
-    TextGenerator,
-    TextGeneratorConfig,
-)
+from reptok_core.models.mixer import MixerConfig, MixerGenerator
+from reptok_core.models.text_generator import TextGenerator, TextGeneratorConfig
 
 KINDS = ("class", "text")
 
@@ -41,27 +37,18 @@ class GeneratorConfig:
     )
 
 
-def generator_preset(name: str, kind: str = "class") -> GeneratorConfig:
-    """`tiny`, `small` or `paper` sizes of the class- or text-conditioned generator."""
-    if name not in MIXER_PRESETS:
-        raise ValueError(
-            f"unknown generator preset {name!r}; expected one of {list(MIXER_PRESETS)}"
-        )
-    return GeneratorConfig(
-        kind=kind, mixer=MIXER_PRESETS[name](), text=TEXT_GENERATOR_PRESETS[name]()
-    )
-
-
-def build_model(cfg: GeneratorConfig) -> torch.nn.Module:
+def build_model(
+    cfg: GeneratorConfig, token_dim: int, text_dim: int | None = None
+) -> torch.nn.Module:
+    """The generator for tokens of `token_dim` (from the token manifest, or an export's
+    recorded sizes); a text generator also needs `text_dim`, the caption states' width."""
     if cfg.kind == "class":
-        return MixerGenerator(cfg.mixer)
+        return MixerGenerator(cfg.mixer, token_dim)
     if cfg.kind == "text":
-        return TextGenerator(cfg.text)
+        if text_dim is None:
+            raise ValueError("a text generator needs text_dim (the caption encoder's hidden size)")
+        return TextGenerator(cfg.text, token_dim, text_dim)
     raise ValueError(f"generator kind {cfg.kind!r}; expected one of {KINDS}")
-
-
-def token_dim(cfg: GeneratorConfig) -> int:
-    return cfg.mixer.token_dim if cfg.kind == "class" else cfg.text.token_dim
 
 
 @torch.no_grad()
