@@ -30,7 +30,7 @@ from reptok_core import flow
 from reptok_core.config import preset_section
 from reptok_core.models.mixer import MixerBlock, MixerConfig, MixerGenerator
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
-from reptok_core.training.optim import optim as training
+from reptok_core.training import optim as training
 
 
 def batch_of(model: MixerGenerator, b: int, device: torch.device):
