@@ -17,8 +17,31 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from reptok_core.config import preset_section  # noqa: E402
 from reptok_core.device import resolve_device  # noqa: E402
+from reptok_core.models.encoder import EncoderConfig, build_vit  # noqa: E402
+from reptok_core.models.latent_space import SD_VAE_FT_MSE, LatentSpaceConfig, PixelSpace  # noqa: E402
 from reptok_core.models.layers import compile_blocks  # noqa: E402,F401 - the benchmarks' regional mode
+
+
+def preset_token_dim(size: str) -> int:
+    """The tokens' width at a preset size (tiny, small, paper): its tokenizer's encoder width,
+    read off a ViT built on the meta device (no memory, no weights)."""
+    enc = preset_section(EncoderConfig, f"tokenizer/{size}", "model.encoder")
+    with torch.device("meta"):
+        return build_vit(EncoderConfig(**{**enc.__dict__, "weights": "random"})).embed_dim
+
+
+class PrecomputedLatents(PixelSpace):
+    """Stands in for a preset's latent space (pixels, or the paper's SD-VAE by its diffusers
+    config): its shape without its weights, for steps that get their latents precomputed (the
+    images Parquet's column)."""
+
+    def __init__(self, cfg: LatentSpaceConfig):
+        super().__init__()
+        if cfg.kind == "sd-vae":
+            self.channels = SD_VAE_FT_MSE["latent_channels"]
+            self.downsample = 2 ** (len(SD_VAE_FT_MSE["block_out_channels"]) - 1)
 
 
 @dataclass

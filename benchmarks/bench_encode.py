@@ -19,8 +19,9 @@ import dataclasses
 import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
+from reptok_core.config import preset_section
 from reptok_core.images import images_from_uint8
-from reptok_core.models.encoder import SSLEncoder, encoder_paper, encoder_tiny
+from reptok_core.models.encoder import EncoderConfig, SSLEncoder
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
 
 
@@ -61,7 +62,8 @@ def main() -> None:
     p.add_argument("--out", default="", help="JSON results file")
     args = p.parse_args()
     dev = bc.pick_device(args.device)
-    cfg = encoder_tiny() if args.tiny else encoder_paper()
+    size = "tiny" if args.tiny else "paper"
+    cfg = preset_section(EncoderConfig, f"tokenizer/{size}", "model.encoder")
     encoder = SSLEncoder(dataclasses.replace(cfg, weights="random")).to(dev).eval()
     size = 16 if args.tiny else args.image_size
     peak = measure_matmul_peak(dev) if dev.type == "cuda" else float("nan")

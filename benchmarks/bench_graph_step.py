@@ -23,8 +23,9 @@ import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from reptok_core.config import preset_section
 from reptok_core.formats.token_stats import TokenNormalizer
-from reptok_core.models.generator import generator_preset, token_dim
+from reptok_core.models.generator import GeneratorConfig
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
 from reptok_core.stages.generator import GeneratorTask
 from reptok_core.training.cuda_graph_step import CudaGraphStep
@@ -34,10 +35,12 @@ OPTIM = OptimConfig(lr=1e-4, warmup_steps=5)
 
 
 def make_task(preset: str, rows: int, device: torch.device, kind: str = "class", **mixer):
-    """A GeneratorTask on random in-memory tokens; text: 64 cached captions of 16 states."""
-    cfg = generator_preset(preset, kind)
+    """A GeneratorTask on random in-memory tokens of the preset's width; text: 64 cached
+    captions of 16 MiniLM-wide (384) states."""
+    cfg = preset_section(GeneratorConfig, f"generator/{preset}")
+    cfg.kind = kind
     cfg.mixer = dataclasses.replace(cfg.mixer, **mixer)
-    dim = token_dim(cfg)
+    dim = bc.preset_token_dim(preset)
     gen = torch.Generator().manual_seed(0)
     data = {
         "token": torch.randn(rows, dim, generator=gen) * 2 + 1,
@@ -50,7 +53,7 @@ def make_task(preset: str, rows: int, device: torch.device, kind: str = "class",
         data["caption_idx"] = torch.randint(0, 64, (rows,), generator=gen)
         lengths = torch.randint(3, 17, (64,), generator=gen)
         mask = torch.arange(16)[None] < lengths[:, None]
-        captions = (torch.randn(64, 16, cfg.text.text_dim, generator=gen), mask)
+        captions = (torch.randn(64, 16, 384, generator=gen), mask)
     norm = TokenNormalizer(torch.ones(dim), 2 * torch.ones(dim))
     torch.manual_seed(0)
     return GeneratorTask(cfg, norm, device, data=data, captions=captions)

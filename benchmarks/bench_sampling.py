@@ -28,9 +28,11 @@ import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
 from reptok_core import flow
-from reptok_core.models.decoder import Decoder, decoder_paper, decoder_tiny
+from reptok_core.config import preset_section
+from reptok_core.models.decoder import Decoder
 from reptok_core.models.latent_space import SD_VAE_FT_MSE, SDVAESpace
-from reptok_core.models.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
+from reptok_core.models.mixer import MixerBlock, MixerConfig, MixerGenerator
+from reptok_core.models.tokenizer import TokenizerConfig
 from reptok_core.perf import synchronize
 
 TINY_VAE = dict(
@@ -47,12 +49,16 @@ TINY_VAE = dict(
 
 
 def build(tiny: bool, device: torch.device):
+    size = "tiny" if tiny else "paper"
+    tok_cfg = preset_section(TokenizerConfig, f"tokenizer/{size}")
+    mixer_cfg = preset_section(MixerConfig, f"generator/{size}", "model.mixer")
+    token_dim = bc.preset_token_dim(size)
     torch.manual_seed(0)
     with torch.device(device):
-        mixer = MixerGenerator(mixer_tiny() if tiny else mixer_paper())
-        dec_cfg = decoder_tiny(in_channels=4, input_size=8) if tiny else decoder_paper()
-        decoder = Decoder(dec_cfg)
+        mixer = MixerGenerator(mixer_cfg, token_dim)
         vae = SDVAESpace.from_config(TINY_VAE if tiny else SD_VAE_FT_MSE)
+        side = tok_cfg.image_size // vae.downsample
+        decoder = Decoder(tok_cfg.decoder, token_dim, in_channels=vae.channels, input_size=side)
     # Zero-initialised layers (adaLN, output heads) would make every velocity exactly zero and
     # the comparisons below vacuous: give them small random values, as after training.
     for m in (mixer, decoder):
@@ -84,14 +90,10 @@ class Generator:
         self.t2 = [ts[i].expand(2 * batch).to(dev) for i in range(steps)]
         self.batch = batch
         self.null = torch.full((batch,), mixer.null_class, device=dev, dtype=torch.long)
-        d = mixer.cfg.token_dim
+        d = mixer.token_dim
         self.token_mean = torch.zeros(d, device=dev)  # the token Parquet's statistics
         self.token_std = torch.ones(d, device=dev)
-        self.latent_shape = (
-            decoder.cfg.in_channels,
-            decoder.cfg.input_size,
-            decoder.cfg.input_size,
-        )
+        self.latent_shape = (decoder.in_channels, decoder.input_size, decoder.input_size)
 
     def _dtype(self, m: torch.nn.Module) -> torch.dtype:
         return next(m.parameters()).dtype
@@ -202,7 +204,7 @@ class Graphed:
 def inputs(gen: Generator, b: int, seed: int):
     g = torch.Generator(device="cpu").manual_seed(seed)
     y = torch.randint(0, gen.mixer.cfg.num_classes, (b,), generator=g).to(gen.device)
-    z = torch.randn(b, gen.mixer.cfg.token_dim, generator=g).to(gen.device)
+    z = torch.randn(b, gen.mixer.token_dim, generator=g).to(gen.device)
     x = torch.randn(b, *gen.latent_shape, generator=g).to(gen.device)
     return y, z, x
 

@@ -23,10 +23,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import _bench_common as bc  # noqa: E402
+
 from reptok_core import flow  # noqa: E402
-from reptok_core.models.latent_space import PixelSpace  # noqa: E402
-from reptok_core.models.mixer import MIXER_PRESETS, MixerGenerator  # noqa: E402
-from reptok_core.models.tokenizer import TOKENIZER_PRESETS, Tokenizer  # noqa: E402
+from reptok_core.config import preset_section  # noqa: E402
+from reptok_core.models.mixer import MixerConfig, MixerGenerator  # noqa: E402
+from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 from reptok_core.training.distributed import (  # noqa: E402
     init_from_env,
     is_distributed,
@@ -46,19 +48,20 @@ class Stage:
         self.stage, self.device = stage, device
         gen = torch.Generator().manual_seed(123)
         if stage == 1:
-            cfg = TOKENIZER_PRESETS[preset]()
+            cfg = preset_section(TokenizerConfig, f"tokenizer/{preset}")
             cfg.encoder.weights = "random"
             # The paper preset's SD-VAE needs diffusers weights; latents are given precomputed here.
-            self.model = Tokenizer(cfg, latent_space=_LatentStub(cfg)).to(device)
+            self.model = Tokenizer(cfg, latent_space=bc.PrecomputedLatents(cfg.latent)).to(device)
             s = cfg.image_size
             self.x = torch.rand(global_batch, 3, s, s, generator=gen) * 2 - 1
             self.target = torch.randn(global_batch, *self.model.latent_shape(), generator=gen)
             self.blocks, self.root = self.model.decoder.blocks, self.model.decoder
         else:
-            cfg = MIXER_PRESETS[preset]()
-            self.model = MixerGenerator(cfg).to(device)
+            cfg = preset_section(MixerConfig, f"generator/{preset}", "model.mixer")
+            token_dim = bc.preset_token_dim(preset)
+            self.model = MixerGenerator(cfg, token_dim).to(device)
             self.x = torch.randint(0, cfg.num_classes + 1, (global_batch,), generator=gen)
-            self.target = torch.randn(global_batch, cfg.token_dim, generator=gen)
+            self.target = torch.randn(global_batch, token_dim, generator=gen)
             self.blocks, self.root = self.model.blocks, self.model
         self.t = torch.rand(global_batch, generator=gen)
         self.noise = torch.randn(self.target.shape, generator=gen)
@@ -81,13 +84,6 @@ class Stage:
         else:
             fl = flow.flow_loss(lambda xt, tt: self.model(xt, tt, x), target, t=t, noise=noise)
         return {"total": fl}
-
-
-class _LatentStub(PixelSpace):
-    def __init__(self, cfg):
-        super().__init__()
-        self.channels = cfg.decoder.in_channels
-        self.downsample = cfg.image_size // cfg.decoder.input_size
 
 
 def global_mean(v: torch.Tensor) -> float:

@@ -24,26 +24,25 @@ import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 from bench_sampling import TINY_VAE
 
+from reptok_core.config import preset_section
 from reptok_core.exports.generator import LoadedGenerator
 from reptok_core.formats.token_stats import TokenNormalizer
-from reptok_core.models.generator import build_model, generator_preset
+from reptok_core.models.generator import GeneratorConfig, build_model
 from reptok_core.models.latent_space import SD_VAE_FT_MSE, SDVAESpace
-from reptok_core.models.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
+from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
 from reptok_core.serving.inference import Inference, cast_weights
 
 
 def build(tiny: bool, device: torch.device) -> tuple[Tokenizer, LoadedGenerator]:
     torch.manual_seed(0)
-    cfg = tokenizer_tiny() if tiny else tokenizer_paper()
+    size = "tiny" if tiny else "paper"
+    cfg = preset_section(TokenizerConfig, f"tokenizer/{size}")
     cfg.encoder = dataclasses.replace(cfg.encoder, weights="random")
     vae = SDVAESpace.from_config(TINY_VAE if tiny else SD_VAE_FT_MSE)
-    if tiny:
-        cfg.latent.kind, cfg.image_size = "sd-vae", 16
-        cfg.decoder = dataclasses.replace(cfg.decoder, in_channels=4, input_size=8)
+    cfg.latent.kind = "sd-vae"
     tok = Tokenizer(cfg, latent_space=vae)
-    gcfg = generator_preset("tiny" if tiny else "paper")
-    gcfg.mixer = dataclasses.replace(gcfg.mixer, token_dim=tok.token_dim)
-    mixer = build_model(gcfg)
+    gcfg = preset_section(GeneratorConfig, f"generator/{size}")
+    mixer = build_model(gcfg, tok.token_dim)
     # Zero-initialised output layers would make every velocity 0 and the check vacuous.
     for m in (mixer, tok.decoder):
         for p in m.parameters():

@@ -23,24 +23,16 @@ import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from reptok_core.config import preset_section
 from reptok_core.models.encoder import EncoderConfig
-from reptok_core.models.latent_space import PixelSpace
-from reptok_core.models.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
+from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
 
 
-class PrecomputedLatents(PixelSpace):
-    """Stands in for the SD-VAE: the step gets its latents precomputed (the Parquet column)."""
-
-    def __init__(self, channels: int, downsample: int):
-        super().__init__()
-        self.channels, self.downsample = channels, downsample
-
-
 def build(tiny: bool, device: torch.device) -> Tokenizer:
-    cfg = tokenizer_tiny() if tiny else tokenizer_paper()
+    cfg = preset_section(TokenizerConfig, "tokenizer/tiny" if tiny else "tokenizer/paper")
     cfg.encoder = EncoderConfig(**{**cfg.encoder.__dict__, "weights": "random"})
-    latents = PrecomputedLatents(cfg.decoder.in_channels, cfg.image_size // cfg.decoder.input_size)
+    latents = bc.PrecomputedLatents(cfg.latent)
     torch.manual_seed(0)
     with torch.device(device):
         return Tokenizer(cfg, latent_space=latents).to(device).train()

@@ -27,14 +27,15 @@ import _bench_common as bc  # first: puts the repo root on sys.path
 import torch
 
 from reptok_core import flow
-from reptok_core.models.mixer import MixerBlock, MixerGenerator, mixer_paper, mixer_tiny
+from reptok_core.config import preset_section
+from reptok_core.models.mixer import MixerBlock, MixerConfig, MixerGenerator
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
-from reptok_core.training.optim import optim as training
+from reptok_core.training import optim as training
 
 
 def batch_of(model: MixerGenerator, b: int, device: torch.device):
     gen = torch.Generator(device=device).manual_seed(1)
-    z = torch.randn(b, model.cfg.token_dim, device=device, generator=gen)
+    z = torch.randn(b, model.token_dim, device=device, generator=gen)
     y = torch.randint(0, model.cfg.num_classes, (b,), device=device, generator=gen)
     return z, y
 
@@ -52,7 +53,7 @@ def make_loss(model: MixerGenerator, bf16: bool, cast_cache: bool = True):
 def fused_vs_matmul(device: torch.device) -> dict[str, float]:
     """One paper-size mixer block in fp32: fused token mixing vs two matmuls (output, grads)."""
     torch.manual_seed(0)
-    cfg = mixer_paper()
+    cfg = preset_section(MixerConfig, "generator/paper", "model.mixer")
     blk = MixerBlock(cfg.width, cfg.token_hidden, cfg.channel_hidden).to(device)
     for q in blk.parameters():
         torch.nn.init.normal_(q, std=0.05)
@@ -164,7 +165,9 @@ def main() -> None:
     peak = measure_matmul_peak(device)
     torch.manual_seed(0)
     with torch.device(device):
-        model = MixerGenerator(mixer_tiny() if args.tiny else mixer_paper()).to(device).train()
+        size = "tiny" if args.tiny else "paper"
+        cfg = preset_section(MixerConfig, f"generator/{size}", "model.mixer")
+        model = MixerGenerator(cfg, bc.preset_token_dim(size)).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     z, y = batch_of(model, args.flops_batch, device)
     loss_fn = make_loss(model, device.type == "cuda")

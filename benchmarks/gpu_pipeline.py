@@ -270,8 +270,8 @@ class Pipeline:
         if out is None:
             return
         images = f"{self.work}/paper256"
-        model = (["--config", f"{ROOT}/configs/tokenizer/tiny.yaml", "model.latent.kind=sd-vae",
-                  "model.decoder.in_channels=4", "model.decoder.input_size=8"] if tiny else
+        model = (["--config", f"{ROOT}/configs/tokenizer/tiny.yaml", "model.latent.kind=sd-vae"]
+                 if tiny else
                  ["--config", f"{ROOT}/configs/tokenizer/paper.yaml", "model.encoder.weights=random",
                   "run.cpus_per_worker=8"])  # fmt: skip
         out = self.step("paper_train_tokenizer", py("pipelines/train_tokenizer.py") + model + [
@@ -348,27 +348,26 @@ class Pipeline:
 
         import torch
 
+        from reptok_core.config import preset_section
         from reptok_core.exports.generator import export_generator
         from reptok_core.exports.tokenizer import export_tokenizer
         from reptok_core.formats.token_stats import TokenNormalizer
-        from reptok_core.models.generator import build_model, generator_preset
-        from reptok_core.models.tokenizer import Tokenizer, tokenizer_paper, tokenizer_tiny
+        from reptok_core.models.generator import GeneratorConfig, build_model
+        from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
 
-        cfg = tokenizer_tiny() if self.tiny else tokenizer_paper()
+        size = "tiny" if self.tiny else "paper"
+        cfg = preset_section(TokenizerConfig, f"tokenizer/{size}")
         cfg.encoder = dataclasses.replace(cfg.encoder, weights="random")
         cfg.latent.kind, cfg.latent.vae = "sd-vae", vae
-        if self.tiny:
-            cfg.image_size = 16
-            cfg.decoder = dataclasses.replace(cfg.decoder, in_channels=4, input_size=8)
         torch.manual_seed(0)
         tok = Tokenizer(cfg)
         tok_uri = os.path.join(self.work, "random-exports", "tokenizer")
-        export_tokenizer(tok.state_dict(), cfg, tok_uri)
-        gcfg = generator_preset("tiny" if self.tiny else "paper")
-        gcfg.mixer = dataclasses.replace(gcfg.mixer, token_dim=tok.token_dim)
+        export_tokenizer(tok.state_dict(), cfg, tok.decoder.sizes, tok_uri)
+        gcfg = preset_section(GeneratorConfig, f"generator/{size}")
+        gen = build_model(gcfg, tok.token_dim)
         gen_uri = os.path.join(self.work, "random-exports", "generator")
         norm = TokenNormalizer.identity(tok.token_dim)
-        export_generator(build_model(gcfg).state_dict(), gcfg, norm, gen_uri)
+        export_generator(gen.state_dict(), gcfg, gen.sizes, norm, gen_uri)
         return tok_uri, gen_uri
 
     def paper_serve(self, tokenizer: str, generator: str) -> None:

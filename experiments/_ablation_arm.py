@@ -133,7 +133,8 @@ def run_arm(
 
         ema = train(task.model, tok_loss, optim, s.tok_steps, dev, log, "stage1")
         with ema.swapped_in(task.model):
-            export_tokenizer(task.model.state_dict(), cfg, tok_dir, extra={"arm": arm})
+            state, sizes = task.model.state_dict(), task.model.decoder.sizes
+            export_tokenizer(state, cfg, sizes, tok_dir, extra={"arm": arm})
     tokenizer = load_tokenizer(tok_dir, dev)
 
     # ---- tokens of both splits (train: stage 2's data; test: the k-NN queries)
@@ -160,7 +161,6 @@ def run_arm(
         torch.manual_seed(s.seed)
         preset = read_yaml("configs/generator/small.yaml")
         gcfg = from_dict(GeneratorConfig, preset["model"])
-        gcfg.mixer.token_dim = train_tok.shape[1]
         normalizer = TokenNormalizer(train_tok.mean(0).cpu(), train_tok.std(0).cpu())
         gtask = GeneratorTask(gcfg, normalizer, dev)
         optim = from_dict(OptimConfig, preset["optim"])
@@ -172,7 +172,8 @@ def run_arm(
 
         ema = train(gtask.model, gen_loss, optim, s.gen_steps, dev, log, "stage2")
         with ema.swapped_in(gtask.model):
-            export_generator(gtask.model.state_dict(), gcfg, normalizer, gen_dir, {"arm": arm})
+            state, sizes = gtask.model.state_dict(), gtask.model.sizes
+            export_generator(state, gcfg, sizes, normalizer, gen_dir, {"arm": arm})
     generator = load_generator(gen_dir, dev)
 
     # ---- images: test reconstructions, samples with and without CFG (kept as uint8 files,

@@ -85,14 +85,15 @@ class _EncodeOnlySpace(torch.nn.Module):
 
 
 def load_encoder(spec: str, tracking_uri: str, device: torch.device) -> torch.nn.Module:
-    from reptok_core.exports.tokenizer import EXPORT_CONFIG, load_tokenizer
+    from reptok_core.exports.tokenizer import EXPORT_CONFIG, load_tokenizer, read_tokenizer_meta
 
     uri, _ = model_uri.resolve_export(spec, tracking_uri, EXPORT_CONFIG)
-    cfg = json.loads(storage.read_bytes(storage.join(uri, EXPORT_CONFIG)))["config"]
+    meta = read_tokenizer_meta(uri)
     space = None
-    if cfg["latent"]["kind"] != "pixel":
-        dec = cfg["decoder"]
-        space = _EncodeOnlySpace(dec["in_channels"], cfg["image_size"] // dec["input_size"])
+    if meta["config"]["latent"]["kind"] != "pixel":
+        sizes = meta["sizes"]
+        downsample = meta["config"]["image_size"] // sizes["input_size"]
+        space = _EncodeOnlySpace(sizes["in_channels"], downsample)
     return load_tokenizer(uri, device, latent_space=space).encoder
 
 

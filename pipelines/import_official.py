@@ -88,8 +88,10 @@ def import_checkpoint(cfg: ImportOfficialConfig) -> dict[str, str]:
         "tokenizer": storage.join(common.run_dir(cfg.run), "tokenizer"),
         "generator": storage.join(common.run_dir(cfg.run), "generator"),
     }
-    export_tokenizer(tok.state, tok.config, out["tokenizer"], origin, vae_config=tok.vae_config)
-    export_generator(gen.state, gen.config, gen.normalizer, out["generator"], origin)
+    export_tokenizer(
+        tok.state, tok.config, tok.sizes, out["tokenizer"], origin, vae_config=tok.vae_config
+    )
+    export_generator(gen.state, gen.config, gen.sizes, gen.normalizer, out["generator"], origin)
     return out
 
 

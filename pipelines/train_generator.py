@@ -102,26 +102,24 @@ def check_tokens(cfg: TrainGeneratorConfig, manifest: dict[str, Any]) -> None:
 
 def fit_to_tokens(
     cfg: TrainGeneratorConfig, manifest: dict[str, Any], captions: dict[str, Any] | None
-) -> None:
-    """Shape the model to the data: token (and text) width from the manifest, class count checked."""
-    m = cfg.model
-    if generator_conditioning(cfg).uses_captions:
-        if captions is None:
-            raise SystemExit(
-                f"error: {cfg.data.train!r} has no caption cache; run encode_tokens with "
-                "encode.text_encoder set"
-            )
-        m.text.text_dim = captions["dim"]
-    generator_conditioning(cfg).model_config(m).token_dim = manifest["dim"]
+) -> dict[str, int]:
+    """The model's data-given sizes (`build_model`'s token_dim, text_dim) from the manifest and
+    caption cache, once the tokens are checked to train it."""
+    kind = generator_conditioning(cfg)
+    if kind.uses_captions and captions is None:
+        raise SystemExit(
+            f"error: {cfg.data.train!r} has no caption cache; run encode_tokens with "
+            "encode.text_encoder set"
+        )
     check_tokens(cfg, manifest)
+    return kind.sizes(manifest, captions)
 
 
 def check_fits_tokens(cfg: TrainGeneratorConfig, manifest: dict[str, Any], init: Any) -> None:
     """A generator to fine-tune must already fit the tokens: same width, enough classes."""
-    model = generator_conditioning(cfg).model_config(cfg.model)
-    if model.token_dim != manifest["dim"]:
+    if init.model.token_dim != manifest["dim"]:
         raise SystemExit(
-            f"error: init_from={cfg.init_from!r} generates {model.token_dim}-dim tokens but "
+            f"error: init_from={cfg.init_from!r} generates {init.model.token_dim}-dim tokens but "
             f"{cfg.data.train!r} holds {manifest['dim']}-dim tokens"
         )
     check_tokens(cfg, manifest)
@@ -193,8 +191,9 @@ def main(argv: list[str] | None = None) -> str:
         init = load_generator(model_uri.resolve(cfg.init_from, common.mlflow_uri(cfg.run)).folder)
         cfg.model = finetune_generator_config(cfg.model, init.cfg)
         check_fits_tokens(cfg, manifest, init)
+        sizes = init.model.sizes
     else:
-        fit_to_tokens(cfg, manifest, captions)
+        sizes = fit_to_tokens(cfg, manifest, captions)
     caption_list = captions["captions"] if captions else None
     tokenizer = cfg.data.tokenizer or manifest["tokenizer"]
     check_fid(cfg, tokenizer)
@@ -279,7 +278,7 @@ def main(argv: list[str] | None = None) -> str:
     def export(state: dict) -> None:
         from reptok_core.exports.generator import export_generator
 
-        export_generator(state, cfg.model, normalizer, out_uri, lineage)
+        export_generator(state, cfg.model, sizes, normalizer, out_uri, lineage)
 
     return run.fit(make_task, export, eval_batch=eval_batch)
 

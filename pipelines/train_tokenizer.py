@@ -59,17 +59,27 @@ def main(argv: list[str] | None = None) -> str:
     eval_batch = images.heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
     out_uri = run.export_uri
 
+    built = []  # the worker's task: the export records the sizes its parts gave the decoder
+
     def make_task(device):
         from reptok_core.stages.tokenizer import TokenizerTask
 
         # Resolved again here: a registry download on the driver is not on the worker's node.
         init = model_uri.resolve(cfg.init_from, tracking_uri).folder if cfg.init_from else ""
-        return TokenizerTask(cfg.model, device, init_from=init)
+        built.append(TokenizerTask(cfg.model, device, init_from=init))
+        return built[-1]
 
     def export(state: dict) -> None:
         from reptok_core.exports.tokenizer import export_tokenizer
 
-        export_tokenizer(state, cfg.model, out_uri, {"mlflow_run_id": run.run_id}, vae_config)
+        export_tokenizer(
+            state,
+            cfg.model,
+            built[-1].model.decoder.sizes,
+            out_uri,
+            {"mlflow_run_id": run.run_id},
+            vae_config,
+        )
 
     return run.fit(
         make_task, export, eval_batch=eval_batch, dataset=image_data.train_dataset(cfg.data.train)

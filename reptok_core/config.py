@@ -1,10 +1,12 @@
 """Config = nested dataclasses, filled from a YAML preset and then `key=value` overrides.
 
     cfg = load_config(TrainConfig, preset="configs/tokenizer/tiny.yaml",
-                      overrides=["train.lr=3e-4", "model.decoder=small"])
+                      overrides=["optim.lr=3e-4", "model.decoder.depth=4"])
 
 Every field's help text lives in its dataclass as `field(metadata={"help": ...})`;
 `describe(TrainConfig)` renders them for `--help`, so the documentation cannot drift from code.
+The presets (sizes and recipes) live only in the YAML files under `configs/`; code that needs
+one reads it there with `preset_section`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import yaml
 
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
+
+# The repository's configs/ folder, beside the package (a checkout or an editable install).
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -205,6 +210,25 @@ def load_config(
     data = read_yaml(preset) if preset else {}
     data = _merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
+
+
+def preset_section(cls: type[T], preset: str, section: str = "model") -> T:
+    """One section of a YAML preset as a `cls`: `preset_section(TokenizerConfig, "tokenizer/tiny")`
+    reads `model:` of configs/tokenizer/tiny.yaml; `section` may be dotted ("model.mixer")."""
+    path = CONFIGS_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"preset {preset!r}: {path} does not exist (presets are the YAML files of the "
+            "repository's configs/ folder)"
+        )
+    data: Any = read_yaml(path)
+    for key in section.split("."):
+        if not isinstance(data, dict) or key not in data:
+            raise ConfigError(f"preset {str(path)!r} has no section {section!r}")
+        data = data[key]
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {str(path)!r}: section {section!r} is not a mapping")
+    return from_dict(cls, data, f"{path}:{section}")
 
 
 def describe(cls: type, prefix: str = "") -> str:

@@ -143,6 +143,7 @@ def tiny_tokenizer_export(tmp_path_factory):
     cfg = load_config(TrainTokenizerConfig, "configs/tokenizer/tiny.yaml").model
     uri = str(tmp_path_factory.mktemp("tokenizer") / "export")
     torch.manual_seed(0)
+    tok = Tokenizer(cfg)
     # A made-up run id: encode_tokens copies it into its lineage tag and manifest.
-    export_tokenizer(Tokenizer(cfg).state_dict(), cfg, uri, {"mlflow_run_id": "tok-run-0"})
+    export_tokenizer(tok.state_dict(), cfg, tok.decoder.sizes, uri, {"mlflow_run_id": "tok-run-0"})
     return uri

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from reptok_core.config import preset_section
 from reptok_core.images import prepare_array
 from reptok_core.models.encoder import SSLEncoder
 from reptok_core.prepare.builtin_datasets import load_fashion_mnist
 from reptok_core.stages.dino import (
+    DinoConfig,
     DinoTask,
-    dino_tiny,
     export_encoder,
     knn_accuracy,
     multi_crop,
@@ -25,6 +26,10 @@ CPU = torch.device("cpu")
 def images() -> torch.Tensor:
     pixels, _ = load_fashion_mnist("train")
     return torch.from_numpy(np.stack([prepare_array(pixels[i], 16) for i in range(32)]))
+
+
+def dino_tiny() -> DinoConfig:
+    return preset_section(DinoConfig, "pretrain/tiny")
 
 
 def _task(**kw) -> DinoTask:

@@ -2,14 +2,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from reptok_core.config import preset_section
 from reptok_core.models.encoder import (
     EncoderConfig,
     Preprocess,
     SSLEncoder,
     build_vit,
     cosine_loss,
-    encoder_tiny,
 )
+
+
+def encoder_tiny() -> EncoderConfig:
+    """The tiny preset's ViT (random init, 16 px, width 32)."""
+    return preset_section(EncoderConfig, "tokenizer/tiny", "model.encoder")
 
 
 def tiny_encoder(**kw) -> SSLEncoder:

@@ -124,19 +124,20 @@ def test_fid_self_zero_noise_large(inception, fashion_u8):
 @pytest.mark.slow
 def test_evaluate_cli_logs_to_mlflow_and_caches_reference(fashion_parquet, tmp_path):
     from pipelines import evaluate
+    from reptok_core.config import preset_section
     from reptok_core.exports.generator import export_generator
     from reptok_core.exports.tokenizer import export_tokenizer
     from reptok_core.formats.token_stats import TokenNormalizer
-    from reptok_core.models.generator import build_model, generator_preset
-    from reptok_core.models.tokenizer import Tokenizer, tokenizer_tiny
+    from reptok_core.models.generator import GeneratorConfig, build_model
+    from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
 
     torch.manual_seed(0)
-    cfg = tokenizer_tiny()
-    export_tokenizer(Tokenizer(cfg).state_dict(), cfg, str(tmp_path / "tok"))
-    gcfg = generator_preset("tiny", "class")
-    export_generator(
-        build_model(gcfg).state_dict(), gcfg, TokenNormalizer.identity(32), str(tmp_path / "gen")
-    )
+    tok = Tokenizer(preset_section(TokenizerConfig, "tokenizer/tiny"))
+    export_tokenizer(tok.state_dict(), tok.cfg, tok.decoder.sizes, str(tmp_path / "tok"))
+    gcfg = preset_section(GeneratorConfig, "generator/tiny")
+    gen = build_model(gcfg, tok.token_dim)
+    normalizer = TokenNormalizer.identity(tok.token_dim)
+    export_generator(gen.state_dict(), gcfg, gen.sizes, normalizer, str(tmp_path / "gen"))
     args = [
         f"tokenizer={tmp_path / 'tok'}",
         f"generator={tmp_path / 'gen'}",

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from reptok_core.config import preset_section
 from reptok_core.exports.generator import export_generator, load_generator
 from reptok_core.formats.token_stats import RunningStats, TokenNormalizer
-from reptok_core.models.generator import generator_preset, sample_tokens
+from reptok_core.models.generator import GeneratorConfig, sample_tokens
 from reptok_core.stages.generator import GeneratorTask
 from reptok_core.training.optim import OptimConfig, build_optimizer, train_step
 
@@ -47,8 +48,8 @@ def _fit(task: GeneratorTask, steps: int, lr: float) -> list[float]:
 def test_class_generator_fits_two_class_toy():
     torch.manual_seed(0)
     tokens, labels, means = _toy()
-    cfg = generator_preset("tiny")
-    cfg.mixer.token_dim, cfg.mixer.num_classes = 8, 2
+    cfg = preset_section(GeneratorConfig, "generator/tiny")
+    cfg.mixer.num_classes = 2
     task = GeneratorTask(
         cfg, _normalizer(tokens), torch.device("cpu"), data={"token": tokens, "label": labels}
     )
@@ -69,7 +70,7 @@ def test_class_generator_fits_two_class_toy():
 
 
 def test_sampling_is_seeded_and_denormalised():
-    cfg = generator_preset("tiny")
+    cfg = preset_section(GeneratorConfig, "generator/tiny")
     norm = TokenNormalizer(torch.full((32,), 10.0), torch.full((32,), 0.5))
     task = GeneratorTask(cfg, norm, torch.device("cpu"))
     y = torch.tensor([1, 2, 3])
@@ -92,7 +93,8 @@ def test_text_generator_trains_on_emoji_captions_with_minilm(tmp_path):
     assert states.shape == (32, 16, 384)
     torch.manual_seed(0)
     tokens = torch.randn(32, 32) + torch.arange(32)[:, None] * 0.1  # one token per caption
-    cfg = generator_preset("tiny", kind="text")
+    cfg = preset_section(GeneratorConfig, "generator/tiny")
+    cfg.kind = "text"
     norm = _normalizer(tokens)
     data = {"token": tokens, "caption_idx": torch.arange(32)}
     task = GeneratorTask(cfg, norm, torch.device("cpu"), data=data, captions=(states, mask))
@@ -111,9 +113,14 @@ def test_text_generator_trains_on_emoji_captions_with_minilm(tmp_path):
     assert set(metrics) == {"val_flow", "sample_std"}
 
     # Export / load round trip, then sample with a fresh caption through the text encoder.
-    export_generator(task.model.state_dict(), cfg, norm, str(tmp_path), {"text_encoder": "x"})
+    # The widths are the data's (32-d tokens, MiniLM's 384-d states); the export records them.
+    sizes = task.model.sizes
+    assert sizes == {"token_dim": 32, "text_dim": 384}
+    export_generator(
+        task.model.state_dict(), cfg, sizes, norm, str(tmp_path), {"text_encoder": "x"}
+    )
     gen = load_generator(str(tmp_path))
-    assert gen.text_encoder == "x" and gen.cfg.kind == "text"
+    assert gen.text_encoder == "x" and gen.cfg.kind == "text" and gen.meta["sizes"] == sizes
     z = sample_tokens(gen.model, gen.normalizer, text=encoder(["grinning face"]), scale=1.5)
     ref = sample_tokens(task.model.eval(), norm, text=encoder(["grinning face"]), scale=1.5)
     assert torch.allclose(z, ref, atol=1e-5)
@@ -123,13 +130,16 @@ def test_finetuning_starts_from_an_export_with_its_normaliser(tmp_path):
     from reptok_core.stages.generator import finetune_generator_config
 
     tokens, labels, _ = _toy()
-    cfg = generator_preset("tiny")
-    cfg.mixer.token_dim, cfg.token_scale = 8, 2.5
+    cfg = preset_section(GeneratorConfig, "generator/tiny")
+    cfg.token_scale = 2.5
     torch.manual_seed(3)
     trained = GeneratorTask(cfg, TokenNormalizer.scalar(8, 2.5), torch.device("cpu"))
-    export_generator(trained.model.state_dict(), cfg, trained.normalizer, str(tmp_path))
+    state, sizes = trained.model.state_dict(), trained.model.sizes
+    export_generator(state, cfg, sizes, trained.normalizer, str(tmp_path))
     init = load_generator(str(tmp_path))
-    requested = generator_preset("paper")  # only its training / sampling choices may apply
+    assert init.model.sizes == {"token_dim": 8}  # the normaliser's width, recorded
+    # The paper preset: only its training / sampling choices may apply.
+    requested = preset_section(GeneratorConfig, "generator/paper")
     requested.guidance_scale, requested.guidance_interval = 3.0, [0.2, 0.8]
     requested.flow.t_sampler = "uniform"
     ft = finetune_generator_config(requested, init.cfg)

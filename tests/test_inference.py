@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from reptok_core import flow
+from reptok_core.config import preset_section
 from reptok_core.exports.generator import LoadedGenerator
 from reptok_core.formats.token_stats import TokenNormalizer
 from reptok_core.models.generator import (
+    GeneratorConfig,
     build_model,
-    generator_preset,
     sample_tokens,
     seeded_token_noise,
 )
-from reptok_core.models.tokenizer import Tokenizer, tokenizer_tiny
+from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
 from reptok_core.serving.graph_cache import GraphCache, bucket
 from reptok_core.serving.inference import Inference, cast_weights
 
@@ -33,14 +34,21 @@ def _nonzero(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    cfg = tokenizer_tiny()
+    cfg = preset_section(TokenizerConfig, "tokenizer/tiny")
     cfg.encoder = dataclasses.replace(cfg.encoder, weights="random")
     tok = Tokenizer(cfg)
     _nonzero(tok.decoder)
-    gcfg = generator_preset("tiny")
-    gcfg.mixer = dataclasses.replace(gcfg.mixer, token_dim=tok.token_dim)
+    gcfg = preset_section(GeneratorConfig, "generator/tiny")
     norm = TokenNormalizer(torch.randn(tok.token_dim), torch.rand(tok.token_dim) + 0.5)
-    return tok.eval(), LoadedGenerator(_nonzero(build_model(gcfg)), norm, gcfg, {})
+    model = _nonzero(build_model(gcfg, tok.token_dim))
+    return tok.eval(), LoadedGenerator(model, norm, gcfg, {})
+
+
+def _text_generator(token_dim: int) -> tuple[GeneratorConfig, torch.nn.Module]:
+    """The tiny text generator over 12-wide caption states."""
+    tcfg = preset_section(GeneratorConfig, "generator/tiny")
+    tcfg.kind = "text"
+    return tcfg, _nonzero(build_model(tcfg, token_dim, text_dim=12))
 
 
 def test_bucket_pads_to_powers_of_two_up_to_the_largest_batch():
@@ -72,9 +80,8 @@ def test_class_and_text_tokens_match_sample_tokens(models):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, inf.tokens(g, labels, scale=1.5, steps=5, seed=4))
 
-    tcfg = generator_preset("tiny", kind="text")
-    tcfg.text = dataclasses.replace(tcfg.text, token_dim=g.cfg.mixer.token_dim, text_dim=12)
-    t = LoadedGenerator(_nonzero(build_model(tcfg)), g.normalizer, tcfg, {})
+    tcfg, text_model = _text_generator(g.model.token_dim)
+    t = LoadedGenerator(text_model, g.normalizer, tcfg, {})
     states, mask = torch.randn(3, 5, 12), torch.tensor([[1, 1, 1, 0, 0]] * 3).bool()
     got = inf.tokens(t, (states, mask), scale=2.0, steps=5, seed=3)  # padded to 4 rows
     want = sample_tokens(t.model, t.normalizer, text=(states, mask), scale=2.0,
@@ -90,7 +97,7 @@ def test_graph_cache_runs_plain_calls_off_the_gpu():
 
 def test_cast_weights_keeps_buffers_in_float32(models):
     _, g = models
-    model = cast_weights(build_model(g.cfg), torch.bfloat16)
+    model = cast_weights(build_model(g.cfg, **g.model.sizes), torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
 
@@ -110,9 +117,7 @@ def test_paired_cfg_forward_equals_two_separate_forwards(models):
     unguided = sample_tokens(g.model, g.normalizer, labels=y, scale=1.0, steps=6, seed=9)
     assert (got - unguided).abs().max() > 1e-3  # the guidance did something
 
-    tcfg = generator_preset("tiny", kind="text")
-    tcfg.text = dataclasses.replace(tcfg.text, token_dim=g.cfg.mixer.token_dim, text_dim=12)
-    model = _nonzero(build_model(tcfg))
+    _, model = _text_generator(g.model.token_dim)
     states, mask = torch.randn(2, 5, 12), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
     null = torch.ones(2, dtype=torch.bool)
 

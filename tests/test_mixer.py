@@ -10,21 +10,25 @@ import torch
 from safetensors.torch import load_file
 
 from reptok_core import flow
+from reptok_core.config import preset_section
 from reptok_core.formats.token_stats import TokenNormalizer
 from reptok_core.models import fused_token_mix as ftm
 from reptok_core.models.generator import sample_tokens
 from reptok_core.models.layers import MLP, SinusoidalTimeEmbedding
 from reptok_core.models.mixer import (
     MixerBlock,
+    MixerConfig,
     MixerGenerator,
     mixer_from_official,
-    mixer_paper,
-    mixer_tiny,
     official_mixer_state_dict,
 )
 from reptok_core.official.checkpoint import load_official_checkpoint, official_parts
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
+
+
+def mixer(preset: str, token_dim: int) -> MixerGenerator:
+    return MixerGenerator(preset_section(MixerConfig, preset, "model.mixer"), token_dim)
 
 
 def randomised(model: torch.nn.Module) -> torch.nn.Module:
@@ -62,13 +66,13 @@ def test_mlp_uses_exact_gelu():
 def test_paper_preset_has_the_official_parameter_count():
     # The official MLPMixer1D(n_channels=1, channels=768, dim=1536, depth=28, expansion_factor=3,
     # expansion_factor_token=4, num_classes=1000) instantiated on 2026-12-01: 532,793,400.
-    model = MixerGenerator(mixer_paper())
+    model = mixer("generator/paper", token_dim=768)  # DINOv2-B tokens
     assert sum(p.numel() for p in model.parameters()) == 532_793_400
     assert model.blocks[0].token_mix.fc1.weight.shape == (9, 3)  # 3 tokens x expansion 3
 
 
 def test_forward_runs_the_official_generator_convention():
-    model = randomised(MixerGenerator(mixer_tiny()))
+    model = randomised(mixer("generator/tiny", token_dim=32))
     seen = {}
     model.time_embed.register_forward_hook(lambda m, a, out: seen.update(s=a[0]))
     model.out.register_forward_hook(lambda m, a, out: seen.update(u=out))
@@ -118,17 +122,17 @@ def official_keys(model: MixerGenerator) -> dict[str, torch.Tensor]:
 
 
 def test_official_state_dict_maps_onto_ours():
-    model = randomised(MixerGenerator(mixer_tiny()))
+    model = randomised(mixer("generator/tiny", token_dim=32))
     official = official_keys(model)
     assert len(official_mixer_state_dict(official)) == len(model.state_dict())
     again = mixer_from_official(official, num_classes=10)
-    assert again.cfg == model.cfg
+    assert again.cfg == model.cfg and again.sizes == model.sizes
     z, t, y = torch.randn(5, 32), torch.rand(5), torch.tensor([0, 1, 2, 3, 10])
     assert torch.equal(again(z, t, y), model(z, t, y))
 
 
 def test_official_state_dict_errors_name_the_problem():
-    official = official_keys(MixerGenerator(mixer_tiny()))
+    official = official_keys(mixer("generator/tiny", token_dim=32))
     with pytest.raises(ValueError, match="no counterpart.*metric_tracker"):
         official_mixer_state_dict({**official, "metric_tracker.x": torch.zeros(1)})
     with pytest.raises(ValueError, match="null class"):

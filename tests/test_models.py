@@ -1,19 +1,21 @@
+import dataclasses
+
 import pytest
 import torch
 
+from reptok_core.config import preset_section
 from reptok_core.formats.token_stats import RunningStats, TokenNormalizer
 from reptok_core.models.decoder import (
     Decoder,
     apply_half_rope,
     axial_rope_angles,
     canvas_positions,
-    decoder_tiny,
 )
 from reptok_core.models.latent_space import SDVAESpace
 from reptok_core.models.layers import attention
-from reptok_core.models.mixer import MixerGenerator, mixer_tiny
-from reptok_core.models.text_generator import TextGenerator, text_generator_tiny
-from reptok_core.models.tokenizer import Tokenizer, tokenizer_tiny
+from reptok_core.models.mixer import MixerConfig, MixerGenerator
+from reptok_core.models.text_generator import TextGenerator, TextGeneratorConfig
+from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
 
 TINY_VAE = dict(
     in_channels=3,
@@ -28,8 +30,17 @@ TINY_VAE = dict(
 )
 
 
+def tokenizer_tiny() -> TokenizerConfig:
+    return preset_section(TokenizerConfig, "tokenizer/tiny")
+
+
+def decoder_tiny() -> Decoder:
+    """The tiny preset's decoder over 3 x 16² pixels and 32-d tokens."""
+    return Decoder(tokenizer_tiny().decoder, token_dim=32, in_channels=3, input_size=16)
+
+
 def test_decoder_output_has_latent_shape_and_starts_at_zero():
-    dec = Decoder(decoder_tiny())
+    dec = decoder_tiny()
     x = torch.randn(3, 3, 16, 16)
     out = dec(x, torch.rand(3), torch.randn(3, 32))
     assert out.shape == x.shape
@@ -38,7 +49,7 @@ def test_decoder_output_has_latent_shape_and_starts_at_zero():
 
 def test_decoder_uses_the_token():
     torch.manual_seed(0)
-    dec = Decoder(decoder_tiny())
+    dec = decoder_tiny()
     for p in dec.parameters():  # leave the zero-init: make every matrix non-trivial
         if p.ndim >= 2:
             torch.nn.init.normal_(p, std=0.1)
@@ -108,10 +119,17 @@ def test_decode_with_explicit_noise_equals_seeded_decode():
         tok.decode(z, steps=1, noise=seeded(1, 0))
 
 
-def test_tokenizer_rejects_mismatched_sizes():
+def test_tokenizer_derives_the_decoder_sizes_and_rejects_mismatched_ones():
     cfg = tokenizer_tiny()
-    cfg.decoder.input_size = 8
-    with pytest.raises(ValueError, match="latents"):
+    assert Tokenizer(cfg).decoder.sizes == {"token_dim": 32, "in_channels": 3, "input_size": 16}
+    vae = SDVAESpace.from_config(TINY_VAE)
+    cfg.decoder.patch_size = 2
+    assert Tokenizer(cfg, latent_space=vae).latent_shape() == (4, 8, 8)
+    cfg.image_size = 15
+    with pytest.raises(ValueError, match="not a multiple of the latent space"):
+        Tokenizer(cfg, latent_space=vae)
+    cfg.image_size, cfg.decoder.patch_size = 16, 3
+    with pytest.raises(ValueError, match="not divisible by decoder.patch_size"):
         Tokenizer(cfg)
 
 
@@ -130,7 +148,8 @@ def test_sd_vae_space_on_a_tiny_random_vae():
 
 def test_mixer_generator_shapes_and_label_dropout():
     torch.manual_seed(0)
-    gen = MixerGenerator(mixer_tiny(class_dropout=0.5))
+    cfg = preset_section(MixerConfig, "generator/tiny", "model.mixer")
+    gen = MixerGenerator(dataclasses.replace(cfg, class_dropout=0.5), token_dim=32)
     z = torch.randn(4, 32)
     y = torch.tensor([0, 1, 2, 10])  # 10 = null class
     assert gen(z, torch.rand(4), y).shape == (4, 32)
@@ -141,7 +160,8 @@ def test_mixer_generator_shapes_and_label_dropout():
 
 def test_text_generator_shapes_and_caption_dropout():
     torch.manual_seed(0)
-    gen = TextGenerator(text_generator_tiny(text_dim=16, caption_dropout=1.0))
+    cfg = preset_section(TextGeneratorConfig, "generator/tiny", "model.text")
+    gen = TextGenerator(dataclasses.replace(cfg, caption_dropout=1.0), token_dim=32, text_dim=16)
     text, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
     assert gen(torch.randn(3, 32), torch.rand(3), text, mask).shape == (3, 32)
     null = gen.caption_drop(3, torch.device("cpu"))

@@ -6,9 +6,10 @@ Measured (CPU, seed 0): PSNR 5.6 dB at init -> ~9.1 dB after 450 steps; the asse
 import numpy as np
 import torch
 
+from reptok_core.config import preset_section
 from reptok_core.evaluation.metrics import psnr
 from reptok_core.images import prepare_array
-from reptok_core.models.tokenizer import tokenizer_tiny
+from reptok_core.models.tokenizer import TokenizerConfig
 from reptok_core.prepare.builtin_datasets import load_fashion_mnist
 from reptok_core.stages.tokenizer import TokenizerTask
 from reptok_core.training.optim import EMA, OptimConfig, build_optimizer, train_step
@@ -19,7 +20,7 @@ def test_tiny_tokenizer_overfits_eight_images():
     pixels, _ = load_fashion_mnist("train")
     images = np.stack([prepare_array(p, 16) for p in pixels[:8]])
     batch = {"image": torch.from_numpy(images)}
-    cfg = tokenizer_tiny()
+    cfg = preset_section(TokenizerConfig, "tokenizer/tiny")
     cfg.decoder.depth = 3
     task = TokenizerTask(cfg, torch.device("cpu"))
     x = task.inputs(batch, flip=False)[0]

@@ -9,11 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+from reptok_core.config import preset_section, to_dict
 from reptok_core.images import prepare_array
-from reptok_core.models.encoder import SMALL_SSL_WEIGHTS, SSLEncoder, encoder_small
+from reptok_core.models.encoder import EncoderConfig, SSLEncoder
 from reptok_core.prepare.builtin_datasets import load_fashion_mnist
-from reptok_core.stages.dino import DinoConfig, dino_small, knn_accuracy
+from reptok_core.stages.dino import DinoConfig, knn_accuracy
 from reptok_core.weights import PRETRAINED_DIR, resolve_builtin
+
+SHIPPED = "builtin:fashion32-dino-vits4"
+
+
+def encoder_small() -> EncoderConfig:
+    """The small tokenizer preset's encoder: the shipped weights."""
+    return preset_section(EncoderConfig, "tokenizer/small", "model.encoder")
 
 
 def _split(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +40,7 @@ def _knn(weights: str, bank, queries) -> float:
 
 def test_shipped_encoder_beats_random_init():
     bank, queries = _split("train", 2000), _split("test", 500)
-    shipped, random = _knn(SMALL_SSL_WEIGHTS, bank, queries), _knn("random", bank, queries)
+    shipped, random = _knn(SHIPPED, bank, queries), _knn("random", bank, queries)
     # Measured with these 2,000 / 500 images: about 0.7 against 0.45.
     assert shipped > random + 0.15, (shipped, random)
     meta = json.load(open(os.path.join(PRETRAINED_DIR, "fashion32-dino-vits4.json")))
@@ -40,7 +48,7 @@ def test_shipped_encoder_beats_random_init():
 
 
 def test_shipped_file_is_small_fp16():
-    path = resolve_builtin(SMALL_SSL_WEIGHTS)
+    path = resolve_builtin(SHIPPED)
     assert os.path.getsize(path) <= 15e6
     from safetensors.torch import load_file
 
@@ -55,6 +63,18 @@ def test_unknown_builtin_names_the_shipped_ones():
 
 def test_stage0_starts_from_scratch():
     # The small tokenizer defaults to the shipped weights; DINO must not start from them.
-    assert encoder_small().weights == SMALL_SSL_WEIGHTS
+    assert encoder_small().weights == SHIPPED
     assert DinoConfig().encoder.weights == "random"
-    assert dino_small().encoder.weights == "random"
+    assert preset_section(DinoConfig, "pretrain/small").encoder.weights == "random"
+
+
+def test_small_dino_preset_is_the_recipe_of_the_shipped_encoder():
+    dino_small = preset_section(DinoConfig, "pretrain/small")
+    meta = json.load(open(os.path.join(PRETRAINED_DIR, "fashion32-dino-vits4.json")))
+    assert dino_small.encoder.arch == encoder_small().arch == meta["encoder"]["arch"]
+    recipe = {k: v for k, v in to_dict(dino_small).items() if k not in ("encoder", "total_steps")}
+    shipped = {k: v for k, v in meta["dino"].items() if k not in ("encoder", "total_steps")}
+    # The run warmed the teacher temperature from 0.04 to 0.04: no warm-up, whatever its length.
+    assert shipped["warmup_teacher_temp"] == shipped["teacher_temp"] == recipe["teacher_temp"]
+    shipped["teacher_temp_warmup_steps"] = recipe["teacher_temp_warmup_steps"]
+    assert recipe == shipped

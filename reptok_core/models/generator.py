@@ -19,12 +19,8 @@ from reptok_core import flow
 from reptok_core.config import opt, section
 from reptok_core.formats.token_stats import TokenNormalizer
 from reptok_core.formats.tokens import caption_index
-from reptok_core.models.mixer import MIXER_PRESETS, MixerConfig, MixerGenerator
-from reptok_core.models.text_generator import (
-    TEXT_GENERATOR_PRESETS,
-    TextGenerator,
-    TextGeneratorConfig,
-)
+from reptok_core.models.mixer import MixerConfig, MixerGenerator
+from reptok_core.models.text_generator import TextGenerator, TextGeneratorConfig
 
 
 @dataclass
@@ -67,8 +63,13 @@ class Conditioning:
     def model_config(self, cfg: GeneratorConfig) -> Any:
         raise NotImplementedError
 
-    def build(self, cfg: GeneratorConfig) -> torch.nn.Module:
+    def build(self, cfg: GeneratorConfig, token_dim: int, text_dim: int | None) -> torch.nn.Module:
         raise NotImplementedError
+
+    def sizes(self, manifest: dict[str, Any], captions: dict[str, Any] | None) -> dict[str, int]:
+        """The model's data-given sizes (`build_model`'s token_dim, text_dim) from the token
+        manifest and its caption cache."""
+        return {"token_dim": manifest["dim"]}
 
     def num_classes(self, cfg: GeneratorConfig) -> int | None:
         """Classes it generates (what class-balanced samples and gFID need); None for text."""
@@ -166,8 +167,8 @@ class ClassConditioning(Conditioning):
     def model_config(self, cfg: GeneratorConfig) -> MixerConfig:
         return cfg.mixer
 
-    def build(self, cfg: GeneratorConfig) -> torch.nn.Module:
-        return MixerGenerator(cfg.mixer)
+    def build(self, cfg: GeneratorConfig, token_dim: int, text_dim: int | None) -> torch.nn.Module:
+        return MixerGenerator(cfg.mixer, token_dim)
 
     def num_classes(self, cfg: GeneratorConfig) -> int:
         return cfg.mixer.num_classes
@@ -219,8 +220,15 @@ class TextConditioning(Conditioning):
     def model_config(self, cfg: GeneratorConfig) -> TextGeneratorConfig:
         return cfg.text
 
-    def build(self, cfg: GeneratorConfig) -> torch.nn.Module:
-        return TextGenerator(cfg.text)
+    def build(self, cfg: GeneratorConfig, token_dim: int, text_dim: int | None) -> torch.nn.Module:
+        if text_dim is None:
+            raise ValueError("a text generator needs text_dim (the caption encoder's hidden size)")
+        return TextGenerator(cfg.text, token_dim, text_dim)
+
+    def sizes(self, manifest: dict[str, Any], captions: dict[str, Any] | None) -> dict[str, int]:
+        if captions is None:
+            raise ValueError("a text generator trains on a caption cache; the tokens have none")
+        return {"token_dim": manifest["dim"], "text_dim": captions["dim"]}
 
     def condition_column(
         self, rows: dict[str, Any], captions: list[str] | None
@@ -267,23 +275,12 @@ def conditioning(cfg: GeneratorConfig) -> Conditioning:
     return CONDITIONINGS[cfg.kind]
 
 
-def generator_preset(name: str, kind: str = "class") -> GeneratorConfig:
-    """`tiny`, `small` or `paper` sizes of the class- or text-conditioned generator."""
-    if name not in MIXER_PRESETS:
-        raise ValueError(
-            f"unknown generator preset {name!r}; expected one of {list(MIXER_PRESETS)}"
-        )
-    return GeneratorConfig(
-        kind=kind, mixer=MIXER_PRESETS[name](), text=TEXT_GENERATOR_PRESETS[name]()
-    )
-
-
-def build_model(cfg: GeneratorConfig) -> torch.nn.Module:
-    return conditioning(cfg).build(cfg)
-
-
-def token_dim(cfg: GeneratorConfig) -> int:
-    return conditioning(cfg).model_config(cfg).token_dim
+def build_model(
+    cfg: GeneratorConfig, token_dim: int, text_dim: int | None = None
+) -> torch.nn.Module:
+    """The generator for tokens of `token_dim` (from the token manifest, or an export's
+    recorded sizes); a text generator also needs `text_dim`, the caption states' width."""
+    return conditioning(cfg).build(cfg, token_dim, text_dim)
 
 
 def pad_rows(x: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:

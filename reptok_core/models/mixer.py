@@ -30,7 +30,8 @@ N_TOKENS = 3  # [image token, class, time]
 
 @dataclass
 class MixerConfig:
-    token_dim: int = opt(768, "image-token dimension D (the tokenizer's encoder width)")
+    """The mixer's own sizes; the token dimension D is the data's (`MixerGenerator` token_dim)."""
+
     width: int = opt(1536, "mixer width (paper XL: 1536 x 28 blocks = 533M parameters)")
     depth: int = opt(28, "mixer blocks")
     token_expansion: float = opt(
@@ -50,21 +51,6 @@ class MixerConfig:
     @property
     def channel_hidden(self) -> int:
         return int(self.width * self.channel_expansion)
-
-
-def mixer_tiny(**kw) -> MixerConfig:
-    return MixerConfig(**{**dict(token_dim=32, width=64, depth=2, num_classes=10), **kw})
-
-
-def mixer_small(**kw) -> MixerConfig:
-    return MixerConfig(**{**dict(token_dim=192, width=512, depth=8, num_classes=10), **kw})
-
-
-def mixer_paper(**kw) -> MixerConfig:
-    return MixerConfig(**kw)
-
-
-MIXER_PRESETS = {"tiny": mixer_tiny, "small": mixer_small, "paper": mixer_paper}
 
 
 class MixerBlock(nn.Module):
@@ -93,12 +79,14 @@ class MixerBlock(nn.Module):
 
 class MixerGenerator(nn.Module):
     """v_θ(z_t, t | y) for normalised tokens z (B, D), labels y (B,) with y == num_classes = null;
-    t and v in the flow's convention (t = 1 at noise, v = noise - data)."""
+    t and v in the flow's convention (t = 1 at noise, v = noise - data). `token_dim` is D, the
+    tokens' dimension (the tokenizer's encoder width)."""
 
-    def __init__(self, cfg: MixerConfig):
+    def __init__(self, cfg: MixerConfig, token_dim: int):
         super().__init__()
         self.cfg = cfg
-        d, w = cfg.token_dim, cfg.width
+        self.token_dim = token_dim
+        d, w = token_dim, cfg.width
         # Initialised as the official module is (N(0, 1) position and label embeddings, PyTorch
         # defaults elsewhere), except for the zero output layer: start at zero velocity.
         self.pos_embed = nn.Parameter(torch.randn(1, 1, d))
@@ -112,6 +100,11 @@ class MixerGenerator(nn.Module):
         self.out = nn.Linear(w, d)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The sizes it was built with besides its config (an export records them)."""
+        return {"token_dim": self.token_dim}
 
     @property
     def null_class(self) -> int:
@@ -208,7 +201,6 @@ def mixer_from_official(
     hidden, n = ours["blocks.0.token_mix.fc1.weight"].shape
     width = ours["proj_in.weight"].shape[0]
     cfg = MixerConfig(
-        token_dim=d,
         width=width,
         depth=sum(1 for k in ours if re.fullmatch(r"blocks\.\d+\.norm1\.weight", k)),
         token_expansion=hidden / n,
@@ -216,7 +208,7 @@ def mixer_from_official(
         num_classes=num_classes,
         class_dropout=class_dropout,
     )
-    model = MixerGenerator(cfg)
+    model = MixerGenerator(cfg, token_dim=d)
     try:
         model.load_state_dict(ours)
     except RuntimeError as e:  # missing keys or wrong shapes: name them

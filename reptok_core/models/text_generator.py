@@ -20,8 +20,9 @@ from reptok_core.models.layers import MLP, Attention, CrossAttention, Sinusoidal
 
 @dataclass
 class TextGeneratorConfig:
-    token_dim: int = opt(768, "image-token dimension (the tokenizer's encoder width)")
-    text_dim: int = opt(384, "hidden size of the text encoder's token states (MiniLM-L6: 384)")
+    """The model's own sizes; the token and text-state widths are the data's (`TextGenerator`'s
+    token_dim and text_dim)."""
+
     width: int = opt(1152, "transformer width")
     depth: int = opt(24, "transformer blocks (self-attention + cross-attention to text + MLP)")
     heads: int = opt(16, "attention heads")
@@ -30,27 +31,6 @@ class TextGeneratorConfig:
     caption_dropout: float = opt(
         0.1, "probability a caption is replaced by the null text (trains CFG)"
     )
-
-
-def text_generator_tiny(**kw) -> TextGeneratorConfig:
-    return TextGeneratorConfig(
-        **{**dict(token_dim=32, width=64, depth=2, heads=2, num_learnable_tokens=2), **kw}
-    )
-
-
-def text_generator_small(**kw) -> TextGeneratorConfig:
-    return TextGeneratorConfig(**{**dict(token_dim=192, width=384, depth=6, heads=6), **kw})
-
-
-def text_generator_paper(**kw) -> TextGeneratorConfig:
-    return TextGeneratorConfig(**kw)
-
-
-TEXT_GENERATOR_PRESETS = {
-    "tiny": text_generator_tiny,
-    "small": text_generator_small,
-    "paper": text_generator_paper,
-}
 
 
 class TextBlock(nn.Module):
@@ -70,25 +50,32 @@ class TextBlock(nn.Module):
 
 
 class TextGenerator(nn.Module):
-    """v_θ(z_t, t | text states (B, L, E), mask (B, L) with 1 = real token)."""
+    """v_θ(z_t, t | text states (B, L, E), mask (B, L) with 1 = real token). `token_dim` is the
+    tokens' dimension D, `text_dim` the text encoder's hidden size E (MiniLM-L6: 384)."""
 
-    def __init__(self, cfg: TextGeneratorConfig):
+    def __init__(self, cfg: TextGeneratorConfig, token_dim: int, text_dim: int):
         super().__init__()
         self.cfg = cfg
-        d, w = cfg.token_dim, cfg.width
+        self.token_dim, self.text_dim = token_dim, text_dim
+        d, w = token_dim, cfg.width
         self.learnable = nn.Parameter(torch.randn(1, cfg.num_learnable_tokens, d) * 0.02)
         self.time_embed = SinusoidalTimeEmbedding(d)
         self.proj_in = nn.Linear(d, w)  # shared by all tokens
         self.pos = nn.Parameter(torch.randn(1, cfg.num_learnable_tokens + 2, w) * 0.02)
         # A learned "empty caption": what the model is conditioned on when the caption is dropped.
-        self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))
+        self.null_text = nn.Parameter(torch.zeros(1, 1, text_dim))
         self.blocks = nn.ModuleList(
-            TextBlock(w, cfg.text_dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)
+            TextBlock(w, text_dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(w)
-        self.out = nn.Linear(w, cfg.token_dim)
+        self.out = nn.Linear(w, token_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The sizes it was built with besides its config (an export records them)."""
+        return {"token_dim": self.token_dim, "text_dim": self.text_dim}
 
     def caption_drop(self, batch: int, device: torch.device) -> torch.Tensor:
         """(B,) bool: which samples train unconditionally (probability caption_dropout, for CFG)."""

@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from reptok_core import flow
 from reptok_core.config import opt, section
-from reptok_core.models.decoder import DECODER_PRESETS, Decoder, DecoderConfig
-from reptok_core.models.encoder import ENCODER_PRESETS, EncoderConfig, SSLEncoder, cosine_loss
+from reptok_core.models.decoder import Decoder, DecoderConfig
+from reptok_core.models.encoder import EncoderConfig, SSLEncoder, cosine_loss
 from reptok_core.models.latent_space import LatentSpaceConfig, PixelSpace, build_latent_space
 
 
@@ -25,32 +25,10 @@ class TokenizerConfig:
     image_size: int = opt(256, "image side in pixels (must match the prepared data)")
 
 
-def tokenizer_tiny() -> TokenizerConfig:
-    return TokenizerConfig(
-        encoder=ENCODER_PRESETS["tiny"](),
-        decoder=DECODER_PRESETS["tiny"](),
-        latent=LatentSpaceConfig(kind="pixel"),
-        image_size=16,
-    )
-
-
-def tokenizer_small() -> TokenizerConfig:
-    return TokenizerConfig(
-        encoder=ENCODER_PRESETS["small"](),
-        decoder=DECODER_PRESETS["small"](),
-        latent=LatentSpaceConfig(kind="pixel"),
-        image_size=32,
-    )
-
-
-def tokenizer_paper() -> TokenizerConfig:
-    return TokenizerConfig()
-
-
-TOKENIZER_PRESETS = {"tiny": tokenizer_tiny, "small": tokenizer_small, "paper": tokenizer_paper}
-
-
 class Tokenizer(nn.Module):
+    """The decoder's input sizes follow from the other parts: the token is the encoder's width,
+    the latent is the latent space's channels x (image_size / its downsampling)²."""
+
     def __init__(
         self,
         cfg: TokenizerConfig,
@@ -63,20 +41,18 @@ class Tokenizer(nn.Module):
         self.latent_space = (
             latent_space if latent_space is not None else build_latent_space(cfg.latent)
         )
-        if self.encoder.dim != cfg.decoder.token_dim:
+        side, rest = divmod(cfg.image_size, self.latent_space.downsample)
+        if rest:
             raise ValueError(
-                f"encoder token dim {self.encoder.dim} != decoder.token_dim {cfg.decoder.token_dim}"
+                f"image_size={cfg.image_size} is not a multiple of the latent space's "
+                f"downsampling {self.latent_space.downsample}"
             )
-        expected = cfg.image_size // self.latent_space.downsample
-        if (
-            cfg.decoder.input_size != expected
-            or cfg.decoder.in_channels != self.latent_space.channels
-        ):
-            raise ValueError(
-                f"decoder expects {cfg.decoder.in_channels}x{cfg.decoder.input_size}² latents but "
-                f"{cfg.image_size}px images give {self.latent_space.channels}x{expected}²"
-            )
-        self.decoder = Decoder(cfg.decoder)
+        self.decoder = Decoder(
+            cfg.decoder,
+            token_dim=self.encoder.dim,
+            in_channels=self.latent_space.channels,
+            input_size=side,
+        )
 
     @property
     def token_dim(self) -> int:
@@ -106,8 +82,8 @@ class Tokenizer(nn.Module):
         return {"flow": flow_l, "cos": cos_l, "total": flow_l + cos_l, "cos_sim": cos_sim}
 
     def latent_shape(self) -> tuple[int, int, int]:
-        s = self.cfg.decoder.input_size
-        return (self.cfg.decoder.in_channels, s, s)
+        s = self.decoder.input_size
+        return (self.decoder.in_channels, s, s)
 
     def seeded_noise(self, n: int, seed: int | None = 0) -> torch.Tensor:
         """The starting noise `decode(seed=seed)` draws for n tokens: float32 randn (n, C, H, W)

@@ -50,6 +50,7 @@ class EncoderSizes:
 @dataclass
 class OfficialTokenizer:
     config: TokenizerConfig
+    sizes: dict[str, int]  # the decoder's derived sizes (Decoder.sizes)
     state: dict[str, torch.Tensor]  # this project's Tokenizer keys, incl. latent_space.vae.*
     vae_config: dict = field(default_factory=dict)
 
@@ -91,11 +92,11 @@ def encoder_config(dino: dict[str, torch.Tensor], sizes: EncoderSizes) -> Encode
     )
 
 
-def decoder_config(part: dict[str, torch.Tensor], image_size: int, vae: dict) -> DecoderConfig:
+def decoder_config(part: dict[str, torch.Tensor], latent_channels: int) -> DecoderConfig:
+    """The decoder's own sizes; its token and latent sizes follow from the encoder and VAE."""
     merge = _need(part, "backbone.mid_merge.pre_proj.proj.weight", "the decoder's patch merge")
     width = merge.shape[0]
-    channels = vae["latent_channels"]
-    patch = math.isqrt(merge.shape[1] // channels)
+    patch = math.isqrt(merge.shape[1] // latent_channels)
     heads = _need(part, "backbone.mid_level.0.self_attn.scale", "decoder layer 0").shape[0]
     ff = part["backbone.mid_level.0.ff.up_proj.weight"].shape[0] // 2
     mapping_width = _need(part, "time_in_proj.weight", "the time projection").shape[0]
@@ -104,10 +105,7 @@ def decoder_config(part: dict[str, torch.Tensor], image_size: int, vae: dict) ->
         raise OfficialCheckpointError(
             f"decoder SwiGLU ratio {ff / width} differs from the mapping's {mapping_ff / mapping_width}"
         )
-    downsample = 2 ** (len(vae["block_out_channels"]) - 1)
     return DecoderConfig(
-        in_channels=channels,
-        input_size=image_size // downsample,
         patch_size=patch,
         width=width,
         depth=_count(part, r"backbone\.mid_level\.(\d+)\."),
@@ -115,7 +113,6 @@ def decoder_config(part: dict[str, torch.Tensor], image_size: int, vae: dict) ->
         ff_ratio=ff // width,
         mapping_width=mapping_width,
         mapping_depth=_count(part, r"mapping\.blocks\.(\d+)\."),
-        token_dim=_need(part, "encoder.dino.backbone.fc.weight", "the token projection").shape[1],
     )
 
 
@@ -207,7 +204,7 @@ def tokenizer_from_official(
         raise OfficialCheckpointError("no SD-VAE weights (first_stage.decoder.decoder.ae.ae.*)")
     enc_cfg = encoder_config(dino, encoder_sizes or EncoderSizes())
     enc_cfg.cos_weight = cos_weight
-    dec_cfg = decoder_config(part, image_size, vae_cfg)
+    dec_cfg = decoder_config(part, vae_cfg["latent_channels"])
     cfg = TokenizerConfig(
         encoder=enc_cfg,
         decoder=dec_cfg,
@@ -233,7 +230,7 @@ def tokenizer_from_official(
     state |= {f"decoder.{k}": v for k, v in dec_state.items()}
     state |= {f"latent_space.vae.{k}": v for k, v in vae_sd.items()}
     _check_complete(shell, state, "tokenizer")
-    return OfficialTokenizer(cfg, state, vae_cfg)
+    return OfficialTokenizer(cfg, shell.decoder.sizes, state, vae_cfg)
 
 
 def _check_complete(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -251,6 +248,7 @@ def _check_complete(model: torch.nn.Module, state: dict[str, torch.Tensor], what
 @dataclass
 class OfficialGenerator:
     config: GeneratorConfig
+    sizes: dict[str, int]  # the mixer's token_dim (MixerGenerator.sizes)
     state: dict[str, torch.Tensor]  # MixerGenerator keys
     normalizer: TokenNormalizer
 
@@ -290,5 +288,5 @@ def generator_from_official(
         p = sampler.get("params", {})
         cfg.flow.t_sampler = "logit_normal"
         cfg.flow.t_mean, cfg.flow.t_std = float(p.get("loc", 0.0)), float(p.get("scale", 1.0))
-    normalizer = TokenNormalizer.scalar(model.cfg.token_dim, scale)
-    return OfficialGenerator(cfg, model.state_dict(), normalizer)
+    normalizer = TokenNormalizer.scalar(model.token_dim, scale)
+    return OfficialGenerator(cfg, model.sizes, model.state_dict(), normalizer)

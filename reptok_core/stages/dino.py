@@ -32,8 +32,6 @@ from reptok_core.models.encoder import (
     EncoderConfig,
     Preprocess,
     build_vit,
-    encoder_small,
-    encoder_tiny,
 )
 from reptok_core.storage import join, write_bytes_atomic
 
@@ -41,16 +39,12 @@ EXPORT_WEIGHTS = "encoder.safetensors"
 EXPORT_CONFIG = "encoder.json"
 
 
-def scratch_encoder(cfg: EncoderConfig) -> EncoderConfig:
-    """Stage 0 trains from random weights, whatever the tokenizer preset ships as its default."""
-    return replace(cfg, weights="random")
-
-
 @dataclass
 class DinoConfig:
     encoder: EncoderConfig = section(
-        lambda: scratch_encoder(encoder_small()),
-        "the backbone: same fields as the tokenizer's encoder (weights='random')",
+        lambda: EncoderConfig(weights="random"),
+        "the backbone: same fields as the tokenizer's encoder; stage 0 trains it from scratch "
+        "(weights='random')",
     )
     local_crops: int = opt(6, "local crops per image (besides the 2 global crops)")
     local_size: int = opt(0, "local crop side in px (0 = half the encoder's img_size)")
@@ -74,27 +68,6 @@ class DinoConfig:
         0, "steps during which the prototypes get no gradient (stabilises the start)"
     )
     total_steps: int = opt(0, "length of the schedules (the pipeline fills it from loop.steps)")
-
-
-def dino_tiny() -> DinoConfig:
-    return DinoConfig(
-        encoder=encoder_tiny(),
-        local_crops=2,
-        drop_path=0.0,
-        head_hidden=128,
-        head_bottleneck=32,
-        prototypes=256,
-    )
-
-
-def dino_small() -> DinoConfig:
-    return DinoConfig(
-        encoder=scratch_encoder(encoder_small()),
-        local_crops=4,
-        head_hidden=1024,
-        head_bottleneck=128,
-        prototypes=4096,
-    )
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -81,7 +81,9 @@ class GeneratorTask:
             raise ValueError("gFID needs a class-conditional generator and a decoder")
         self.cfg = cfg
         self.device = device
-        self.model = self.conditioning.build(cfg)
+        # The model's widths are the data's: the tokens' (the normaliser's) and the captions'.
+        text_dim = None if captions is None else captions[0].shape[-1]
+        self.model = self.conditioning.build(cfg, normalizer.mean.numel(), text_dim)
         if init_state is not None:  # fine-tuning an export (finetune_generator_config)
             self.model.load_state_dict(init_state)
         self.model.to(device)
