@@ -1,4 +1,4 @@
-"""Token encoding throughput (stage 1.5, `encode_tokens`) on one device, without Ray.
+"""Token encoding throughput (`encode_tokens`: images -> tokens) on one device, without Ray.
 
 `actor`: what one `encode_tokens` actor does per batch of decoded images: uint8 (B, 256, 256, 3)
 from host memory -> device -> [-1, 1] -> the encoder's preprocessing (centre crop, resize to 224,

@@ -75,7 +75,7 @@ def cast_params(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 class Generator:
-    """label -> image with fixed shapes; the math of generator_task.sample_tokens + decode."""
+    """label -> image with fixed shapes; the math of models.generator.sample_tokens + decode."""
 
     def __init__(self, mixer, decoder, vae, batch, steps=50, scale=1.5, interval=(0.3, 0.9)):
         self.mixer, self.decoder, self.vae = mixer, decoder, vae

@@ -19,7 +19,7 @@ Tensors are memory-mapped (the release holds ~2.4B parameters, ~10 GB), so readi
 no RAM until a tensor is touched.
 
 `official_parts` sorts the state dict into the release's components (see `PARTS`); mapping
-those onto this project's models is `official_import`'s job.
+those onto this project's models is reptok_core/official/convert.py's job.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""Stage 2 as a training task: token batches -> flow loss, evaluation, export, loading, sampling.
+"""Stage 2 as a training task: token batches -> flow loss (label / caption dropout for CFG,
+token flips, normalisation), evaluation with samples and grids.
 
-Pure PyTorch; the Ray pipeline (`pipelines/train_generator.py`), benchmarks and Serve use it.
-
-Public API used by Serve and evaluation:
-
-    gen = load_generator(uri)                 # folder written by export_generator (local or s3://)
-    gen.model, gen.normalizer, gen.cfg        # nn.Module (eval), TokenNormalizer, GeneratorConfig
-    gen.conditioning                          # class or text (reptok_core.models.generator)
-    gen.text_encoder                          # name of the caption encoder (text generators)
-    tokens = sample_tokens(gen.model, gen.normalizer, labels=torch.tensor([3, 7]),
-                           scale=1.5, interval=(0.3, 0.9), steps=50, seed=0)
-    tokens = sample_tokens(gen.model, gen.normalizer, text=TextEncoder(gen.text_encoder)(captions))
-    images = tokenizer.decode(tokens)         # stage-1 decoder (reptok_core.exports.tokenizer.load_tokenizer)
-
-`sample_tokens` returns DENORMALISED tokens (B, D), i.e. in the tokenizer's own token space.
+Pure PyTorch; the training loop (reptok_core/training/loop.py) drives it under Ray
+(`pipelines/train_generator.py`) or plain python/torchrun (experiments, benchmarks). The model,
+its conditioning and `sample_tokens` are reptok_core/models/generator.py's; the export folder
+and `load_generator` are reptok_core/exports/generator.py's.
 """
 
 from __future__ import annotations
