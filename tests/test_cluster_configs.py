@@ -33,8 +33,9 @@ def _local(path: str) -> Path:
 
 
 def _config_class(script: Path) -> type:
-    """The dataclass a stage script hands to parse_cli (found in its source, then imported)."""
-    name = re.search(r"parse_cli\(\s*(\w+)", script.read_text())[1]
+    """The dataclass a stage script parses its command line into (found in its source, then
+    imported): `common.parse_cli(X, ...)` or, for the training stages, `stage.parse(X, ...)`."""
+    name = re.search(r"(?:parse_cli|stage\.parse)\(\s*(\w+)", script.read_text())[1]
     module = importlib.import_module(f"pipelines.{script.stem}")
     return getattr(module, name)
 
@@ -60,7 +61,7 @@ ALL_YAML = sorted(CLUSTER.rglob("*.yaml"))
 
 def test_cluster_folder_is_complete():
     names = {p.relative_to(CLUSTER).as_posix() for p in ALL_YAML}
-    stages = ["prepare-data", "train-tokenizer", "encode-latents", "train-generator", "evaluate"]
+    stages = ["prepare-data", "train-tokenizer", "encode-tokens", "train-generator", "evaluate"]
     expected = {
         "aws.yaml",
         "kuberay/raycluster.yaml",
