@@ -1,4 +1,6 @@
-"""FSDP2 scaling of the stage-1 and stage-2 training steps under torchrun, without Ray.
+"""FSDP2 scaling of the stage-1 and stage-2 training steps under torchrun, without Ray: the
+product's step (reptok_core.training.optim.train_step, with EMA) on the stages' real losses
+(TokenizerTask: flow + cosine term; GeneratorTask: flow with label dropout).
 
 Performance (GPUs; same per-GPU batch for every N):
     torchrun --nproc_per_node=N benchmarks/bench_scaling.py perf --stage 1 --preset paper --batch 64
@@ -6,7 +8,9 @@ Correctness (gloo on CPU works everywhere):
     torchrun --nproc_per_node=2 benchmarks/bench_scaling.py check --stage 1 --preset tiny --out /tmp/n2.json --ckpt /tmp/ck
     torchrun --nproc_per_node=1 benchmarks/bench_scaling.py check --stage 1 --preset tiny --out /tmp/n1.json --load /tmp/ck
 `check` runs one optimizer step on a fixed global batch split across ranks and records the loss
-before and after; with `--load` it first evaluates the loss of a checkpoint written at another
+before and after (each sample's t, noise and label dropout seeded by its index in the global
+batch, so they do not depend on N); `--ckpt` writes the loop's checkpoint
+(training/checkpoints.write_checkpoint), and `--load` evaluates the loss of one written at another
 world size (resharded on load). Equal numbers across N show the sharded step is the same step.
 """
 
@@ -25,65 +29,65 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _bench_common as bc  # noqa: E402
 
-from reptok_core import flow  # noqa: E402
 from reptok_core.config import preset_section  # noqa: E402
-from reptok_core.models.mixer import MixerConfig, MixerGenerator  # noqa: E402
-from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
-from reptok_core.training.distributed import (  # noqa: E402
-    init_from_env,
-    is_distributed,
-    load_sharded,
-    save_sharded,
-    shard_blocks,
-    world,
-)
-from reptok_core.training.optim import OptimConfig, build_optimizer, train_step  # noqa: E402
+from reptok_core.formats.token_stats import TokenNormalizer  # noqa: E402
+from reptok_core.models.generator import GeneratorConfig  # noqa: E402
+from reptok_core.models.tokenizer import TokenizerConfig  # noqa: E402
+from reptok_core.stages.generator import GeneratorTask  # noqa: E402
+from reptok_core.stages.tokenizer import TokenizerTask  # noqa: E402
+from reptok_core.training.checkpoints import read_checkpoint, write_checkpoint  # noqa: E402
+from reptok_core.training.distributed import init_from_env, is_distributed, world  # noqa: E402
+from reptok_core.training.optim import EMA, OptimConfig, build_optimizer, train_step  # noqa: E402
 
 
 class Stage:
-    """Model + a fixed, seeded global batch whose per-sample t and noise do not depend on N."""
+    """The stage's real training task (stages.tokenizer.TokenizerTask: flow + cosine loss;
+    stages.generator.GeneratorTask: flow loss with label dropout) and a fixed, seeded global
+    batch, of which each rank takes its contiguous share."""
 
     def __init__(self, stage: int, preset: str, global_batch: int, device: torch.device):
         torch.manual_seed(0)
-        self.stage, self.device = stage, device
         gen = torch.Generator().manual_seed(123)
         if stage == 1:
             cfg = preset_section(TokenizerConfig, f"tokenizer/{preset}")
             cfg.encoder.weights = "random"
             # The paper preset's SD-VAE needs diffusers weights; latents are given precomputed here.
-            self.model = Tokenizer(cfg, latent_space=bc.PrecomputedLatents(cfg.latent)).to(device)
+            self.task = TokenizerTask(cfg, device, latent_space=bc.PrecomputedLatents(cfg.latent))
             s = cfg.image_size
-            self.x = torch.rand(global_batch, 3, s, s, generator=gen) * 2 - 1
-            self.target = torch.randn(global_batch, *self.model.latent_shape(), generator=gen)
-            self.blocks, self.root = self.model.decoder.blocks, self.model.decoder
+            latents = torch.randn(global_batch, *self.task.model.latent_shape(), generator=gen)
+            self.batch = {
+                "image": torch.randint(0, 256, (global_batch, s, s, 3), generator=gen).byte(),
+                "vae_latent": latents.flatten(1),
+            }
         else:
-            cfg = preset_section(MixerConfig, f"generator/{preset}", "model.mixer")
-            token_dim = bc.preset_token_dim(preset)
-            self.model = MixerGenerator(cfg, token_dim).to(device)
-            self.x = torch.randint(0, cfg.num_classes + 1, (global_batch,), generator=gen)
-            self.target = torch.randn(global_batch, token_dim, generator=gen)
-            self.blocks, self.root = self.model.blocks, self.model
-        self.t = torch.rand(global_batch, generator=gen)
-        self.noise = torch.randn(self.target.shape, generator=gen)
+            cfg = preset_section(GeneratorConfig, f"generator/{preset}")
+            dim = bc.preset_token_dim(preset)
+            self.task = GeneratorTask(cfg, TokenNormalizer.identity(dim), device)
+            self.batch = {
+                "token": torch.randn(global_batch, dim, generator=gen),
+                "label": torch.randint(0, cfg.mixer.num_classes, (global_batch,), generator=gen),
+            }
+        self.model = self.task.model
 
-    def shard(self) -> None:
-        shard_blocks(self.model, self.blocks, self.root)
-
-    def local(self, rank: int, world_size: int) -> tuple[torch.Tensor, ...]:
-        n = self.t.shape[0] // world_size
-        sl = slice(rank * n, (rank + 1) * n)
-        return tuple(a[sl].to(self.device) for a in (self.x, self.target, self.t, self.noise))
+    def local(self, rank: int, world_size: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """(index of this rank's first sample, this rank's share of the global batch)."""
+        n = len(next(iter(self.batch.values()))) // world_size
+        return rank * n, {k: v[rank * n : (rank + 1) * n] for k, v in self.batch.items()}
 
     def loss(self, rank: int, world_size: int) -> dict[str, torch.Tensor]:
-        x, target, t, noise = self.local(rank, world_size)
-        if self.stage == 1:
-            z = self.model.encode(x)
-            fl = flow.flow_loss(
-                lambda xt, tt: self.model.decoder(xt, tt, z), target, t=t, noise=noise
-            )
-        else:
-            fl = flow.flow_loss(lambda xt, tt: self.model(xt, tt, x), target, t=t, noise=noise)
-        return {"total": fl}
+        """The task's loss on this rank's share."""
+        return self.task.loss(self.local(rank, world_size)[1])
+
+    def seeded_loss(self, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        """The task's loss averaged over this rank's samples one by one, the RNG seeded by the
+        sample's global index before each: its random t, noise and label dropout are then
+        the same at every world size, so steps at different world sizes can be compared."""
+        first, batch = self.local(rank, world_size)
+        parts = []
+        for i in range(len(next(iter(batch.values())))):
+            torch.manual_seed(1000 + first + i)
+            parts.append(self.task.loss({k: v[i : i + 1] for k, v in batch.items()}))
+        return {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
 
 
 def global_mean(v: torch.Tensor) -> float:
@@ -97,30 +101,35 @@ def check(args: argparse.Namespace, device: torch.device) -> dict:
     rank, ws = world()
     st = Stage(args.stage, args.preset, args.global_batch, device)
     if is_distributed():
-        st.shard()
+        st.task.shard()
     ocfg = OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=1.0)
     opt = build_optimizer(st.model.parameters(), ocfg, device)
+    ema = EMA(st.model, ocfg.ema_decay)
     out: dict = {"world_size": ws}
     if args.load:
-        load_sharded(args.load, st.model, opt, {})
+        read_checkpoint(args.load, st.model, opt, ema)
         with torch.no_grad():
-            out["loaded_loss"] = global_mean(st.loss(rank, ws)["total"])
+            out["loaded_loss"] = global_mean(st.seeded_loss(rank, ws)["total"])
         return out
     res = train_step(
         st.model,
         opt,
-        lambda: st.loss(rank, ws),
+        lambda: st.seeded_loss(rank, ws),
         lr=ocfg.lr,
         grad_clip=ocfg.grad_clip,
         device=device,
         precision="fp32",
+        ema=ema,
     )
     out["loss_before"] = global_mean(res["total"])
     out["grad_norm"] = res["grad_norm"].item()
     with torch.no_grad():
-        out["loss_after"] = global_mean(st.loss(rank, ws)["total"])
+        after = st.seeded_loss(rank, ws)
+    out["loss_after"] = global_mean(after["total"])
+    out["terms_after"] = {k: global_mean(v) for k, v in after.items()}  # stage 1: flow, cos, ...
     if args.ckpt:
-        save_sharded(args.ckpt, st.model, opt, {})
+        os.makedirs(args.ckpt, exist_ok=True)
+        write_checkpoint(args.ckpt, st.model, opt, ema, {"step": 1})
     return out
 
 
@@ -128,12 +137,13 @@ def perf(args: argparse.Namespace, device: torch.device) -> dict:
     rank, ws = world()
     st = Stage(args.stage, args.preset, args.batch * ws, device)
     if is_distributed():
-        st.shard()
+        st.task.shard()
     if args.compile:
-        for b in st.blocks:
+        for b in st.task.blocks():
             b.compile()
     ocfg = OptimConfig(lr=1e-4, warmup_steps=0)
     opt = build_optimizer(st.model.parameters(), ocfg, device)
+    ema = EMA(st.model, ocfg.ema_decay)
     precision = "bf16" if device.type == "cuda" else "fp32"
 
     def step() -> None:
@@ -141,10 +151,11 @@ def perf(args: argparse.Namespace, device: torch.device) -> dict:
             st.model,
             opt,
             lambda: st.loss(rank, ws),
-            lr=1e-4,
-            grad_clip=1.0,
+            lr=ocfg.lr,
+            grad_clip=ocfg.grad_clip,
             device=device,
             precision=precision,
+            ema=ema,
         )
 
     for _ in range(args.warmup):

@@ -1,10 +1,13 @@
-"""One arm of the SSL ablation, end to end on one device (see experiments/ssl_ablation.py).
+"""One arm of the SSL ablation, end to end (see experiments/ssl_ablation.py).
 
 Stage 1 trains the `small` tokenizer (configs/tokenizer/small.yaml) with the arm's encoder
 settings, stage 2 the `small` class-conditional MLP-Mixer (configs/generator/small.yaml) on the
-EMA tokenizer's tokens of the train split. Every arm runs the same steps, batches and seeds, so
-the encoder is the only difference. Each phase writes its output before the next starts, and a
-re-run skips phases already done (`--out/<arm>/`).
+EMA tokenizer's tokens of the train split; both through the product's loop
+(reptok_core/training/launch.train) with the stages' real tasks. Every arm runs the same steps,
+batches and seeds, so the encoder is the only difference. Each phase writes its output before
+the next starts; a re-run skips phases already done and resumes one the time budget cut short
+(`--out/<arm>/`). Under torchrun the training phases shard the batch; rank 0 makes the images
+and metrics.
 """
 
 from __future__ import annotations
@@ -12,15 +15,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from _fashion32 import fashion32
 from PIL import Image
 
 from reptok_core.config import from_dict, read_yaml
-from reptok_core.device import resolve_device, resolve_precision
 from reptok_core.evaluation.fid import FeatureStats, InceptionFeatures, extract_features, fid
 from reptok_core.evaluation.metrics import psnr, ssim
 from reptok_core.exports.generator import export_generator, load_generator
@@ -33,7 +37,11 @@ from reptok_core.models.tokenizer import TokenizerConfig
 from reptok_core.stages.dino import knn_accuracy
 from reptok_core.stages.generator import GeneratorTask
 from reptok_core.stages.tokenizer import TokenizerTask
-from reptok_core.training.optim import EMA, OptimConfig, build_optimizer, lr_at, train_step
+from reptok_core.training.batches import TensorBatches
+from reptok_core.training.distributed import init_from_env, is_distributed, world
+from reptok_core.training.launch import train
+from reptok_core.training.loop import LoopConfig
+from reptok_core.training.optim import OptimConfig
 
 ARMS = {
     "a_ssl": dict(ssl=True),
@@ -52,41 +60,41 @@ class ArmSettings:
     samples: int = 10000
     decode_steps: int = 25
     seed: int = 0
+    minutes: float = 9.0  # training time of one call; the next call resumes
 
 
 def tokenizer_config(arm: str, encoder: str) -> TokenizerConfig:
     spec = ARMS[arm]
     cfg = from_dict(TokenizerConfig, read_yaml("configs/tokenizer/small.yaml")["model"])
-    if spec["ssl"]:
-        if not encoder:
-            raise ValueError(f"arm {arm} needs --encoder (the SSL encoder's safetensors)")
-        cfg.encoder.weights = encoder
+    if spec["ssl"] and not encoder:
+        raise ValueError(f"arm {arm} needs --encoder (the SSL encoder's safetensors)")
+    # Not the preset's weights: they are the shipped SSL encoder, which the random arm must not get.
+    cfg.encoder.weights = encoder if spec["ssl"] else "random"
     cfg.encoder.cos_weight = spec.get("cos_weight", cfg.encoder.cos_weight)
     cfg.encoder.finetune = spec.get("finetune", cfg.encoder.finetune)
     return cfg
 
 
-def train(model, loss_fn, optim: OptimConfig, steps: int, dev, log, name: str) -> EMA:
-    """The shared step (bf16 autocast on GPU, AdamW, clipping, EMA) for `steps` steps."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, optim, dev)
-    ema = EMA(model, optim.ema_decay)
-    t0 = time.time()
-    for step in range(steps):
-        out = train_step(
-            model,
-            optimizer,
-            lambda step=step: loss_fn(step),
-            lr=lr_at(step, steps, optim),
-            grad_clip=optim.grad_clip,
-            device=dev,
-            precision=resolve_precision("auto", dev),
-            ema=ema,
-        )
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            log(phase=name, step=step + 1, loss=out["total"].item(),
-                s_per_step=(time.time() - t0) / (step + 1))  # fmt: skip
-    return ema
+def run_phase(
+    run_dir: str,
+    done_file: str,
+    make_task: Callable,
+    loop: LoopConfig,
+    optim: OptimConfig,
+    deadline: float,
+    export: Callable[[dict[str, torch.Tensor]], None],
+    batches: TensorBatches | None = None,
+) -> bool:
+    """One training phase through the product's loop, with checkpoints and metrics.jsonl in
+    `run_dir`, stopped (and checkpointed) at `deadline`; True once its export has written
+    `done_file` (the loop exports on rank 0 after the last step)."""
+    left = (deadline - time.time()) / 60
+    if not os.path.exists(done_file) and left > 0:
+        train(make_task, replace(loop, max_minutes=left), optim, out=run_dir, batches=batches,
+              export=export)  # fmt: skip
+    if is_distributed():
+        dist.barrier()  # the other ranks wait for rank 0's export
+    return os.path.exists(done_file)
 
 
 def batched(fn, x: torch.Tensor, size: int) -> torch.Tensor:
@@ -101,40 +109,43 @@ def run_arm(
     fm_root: str,
     inception: str | None,
     limit: int = 0,
-) -> dict:
-    dev = resolve_device()
+) -> dict | None:
+    """The arm's result (None while a training phase still has steps to go: run again)."""
+    t_start = time.time()
+    deadline = t_start + s.minutes * 60
+    dev = init_from_env()
     work = os.path.join(out, arm)
     os.makedirs(work, exist_ok=True)
-    logf = open(os.path.join(work, "log.jsonl"), "a")
-
-    def log(**row) -> None:
-        print(f"[{arm}] " + json.dumps(row), flush=True)
-        logf.write(json.dumps(row) + "\n")
-        logf.flush()
-
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     train_x, train_y = fashion32("train", out, fm_root, limit)
     test_x, test_y = fashion32("test", out, fm_root, limit)
     train_gpu, train_y_gpu = train_x.to(dev), train_y.to(dev)
-    t_start = time.time()
 
     # ---- stage 1
     tok_dir = os.path.join(work, "tokenizer")
-    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        torch.manual_seed(s.seed)
-        cfg = tokenizer_config(arm, encoder)
-        task = TokenizerTask(cfg, dev)
-        optim = from_dict(OptimConfig, read_yaml("configs/tokenizer/small.yaml")["optim"])
-        gen = torch.Generator(device=dev).manual_seed(s.seed)
+    cfg = tokenizer_config(arm, encoder)
+    built = []  # the phase's task: the export records the sizes its parts gave the decoder
 
-        def tok_loss(step: int) -> dict:
-            idx = torch.randint(0, len(train_gpu), (s.tok_batch,), generator=gen, device=dev)
-            return task.loss({"image": train_gpu[idx]})
+    def make_tokenizer_task(device: torch.device) -> TokenizerTask:
+        built.append(TokenizerTask(cfg, device))
+        return built[-1]
 
-        ema = train(task.model, tok_loss, optim, s.tok_steps, dev, log, "stage1")
-        with ema.swapped_in(task.model):
-            state, sizes = task.model.state_dict(), task.model.decoder.sizes
-            export_tokenizer(state, cfg, sizes, tok_dir, extra={"arm": arm})
+    preset = read_yaml("configs/tokenizer/small.yaml")
+    loop = LoopConfig(steps=s.tok_steps, batch_size=s.tok_batch, log_every=250,
+                      checkpoint_every=1000, eval_every=0, seed=s.seed)  # fmt: skip
+    if not run_phase(
+        os.path.join(work, "stage1"),
+        os.path.join(tok_dir, "tokenizer.json"),
+        make_tokenizer_task,
+        loop,
+        from_dict(OptimConfig, preset["optim"]),
+        deadline,
+        lambda state: export_tokenizer(
+            state, cfg, built[-1].model.decoder.sizes, tok_dir, extra={"arm": arm}
+        ),
+        TensorBatches({"image": train_gpu}, s.tok_batch, s.seed),
+    ):
+        return _unfinished(arm, "stage 1")
     tokenizer = load_tokenizer(tok_dir, dev)
 
     # ---- tokens of both splits (train: stage 2's data; test: the k-NN queries)
@@ -143,43 +154,46 @@ def run_arm(
             return tokenizer.encode(images_from_uint8(images, dev)).float()
 
     train_tok = batched(encode, train_gpu, 1000)
-    test_tok = batched(encode, test_x, 1000)
-    result = {"arm": arm, **ARMS[arm], "settings": vars(s)}
-    result["token_knn"] = knn_accuracy(train_tok[:10000], train_y[:10000], test_tok, test_y)
-    # The encoder as stage 1 began (load_tokenizer's config says weights="random", so rebuild
-    # it; the random arm gets the same init through the same seed).
-    torch.manual_seed(s.seed)
-    frozen = SSLEncoder(tokenizer_config(arm, encoder).encoder).to(dev).eval()
-    with torch.no_grad():
-        enc_bank = batched(lambda x: frozen(images_from_uint8(x, dev)), train_x[:10000], 1000)
-        enc_query = batched(lambda x: frozen(images_from_uint8(x, dev)), test_x, 1000)
-    result["encoder_knn"] = knn_accuracy(enc_bank, train_y[:10000], enc_query, test_y)
 
     # ---- stage 2
     gen_dir = os.path.join(work, "generator")
-    if not os.path.exists(os.path.join(gen_dir, "generator.json")):
-        torch.manual_seed(s.seed)
-        preset = read_yaml("configs/generator/small.yaml")
-        gcfg = from_dict(GeneratorConfig, preset["model"])
-        normalizer = TokenNormalizer(train_tok.mean(0).cpu(), train_tok.std(0).cpu())
-        gtask = GeneratorTask(gcfg, normalizer, dev)
-        optim = from_dict(OptimConfig, preset["optim"])
-        gen = torch.Generator(device=dev).manual_seed(s.seed)
-
-        def gen_loss(step: int) -> dict:
-            idx = torch.randint(0, len(train_tok), (s.gen_batch,), generator=gen, device=dev)
-            return gtask.loss({"token": train_tok[idx], "label": train_y_gpu[idx]}, flip=False)
-
-        ema = train(gtask.model, gen_loss, optim, s.gen_steps, dev, log, "stage2")
-        with ema.swapped_in(gtask.model):
-            state, sizes = gtask.model.state_dict(), gtask.model.sizes
-            export_generator(state, gcfg, sizes, normalizer, gen_dir, {"arm": arm})
+    preset = read_yaml("configs/generator/small.yaml")
+    gcfg = from_dict(GeneratorConfig, preset["model"])
+    normalizer = TokenNormalizer(train_tok.mean(0).cpu(), train_tok.std(0).cpu())
+    data = {"token": train_tok, "label": train_y_gpu}
+    loop = LoopConfig(steps=s.gen_steps, batch_size=s.gen_batch, log_every=250,
+                      checkpoint_every=1000, eval_every=0, flip=False, seed=s.seed)  # fmt: skip
+    if not run_phase(
+        os.path.join(work, "stage2"),
+        os.path.join(gen_dir, "generator.json"),
+        lambda device: GeneratorTask(gcfg, normalizer, device, data=data),
+        loop,
+        from_dict(OptimConfig, preset["optim"]),
+        deadline,
+        lambda state: export_generator(
+            state, gcfg, {"token_dim": train_tok.shape[1]}, normalizer, gen_dir, {"arm": arm}
+        ),
+    ):
+        return _unfinished(arm, "stage 2")
+    if world()[0] != 0:
+        return None
     generator = load_generator(gen_dir, dev)
 
-    # ---- images: test reconstructions, samples with and without CFG (kept as uint8 files,
-    # so the Inception phase can run in a later command)
     sets_file = os.path.join(work, "sets.npz")
     if not os.path.exists(sets_file):
+        result = {"arm": arm, **ARMS[arm], "settings": vars(s)}
+        test_tok = batched(encode, test_x, 1000)
+        result["token_knn"] = knn_accuracy(train_tok[:10000], train_y[:10000], test_tok, test_y)
+        # The encoder as stage 1 began (load_tokenizer's config says weights="random", so
+        # rebuild it; the random arm gets the same init through the same seed).
+        torch.manual_seed(s.seed)
+        frozen = SSLEncoder(tokenizer_config(arm, encoder).encoder).to(dev).eval()
+        with torch.no_grad():
+            enc_bank = batched(lambda x: frozen(images_from_uint8(x, dev)), train_x[:10000], 1000)
+            enc_query = batched(lambda x: frozen(images_from_uint8(x, dev)), test_x, 1000)
+        result["encoder_knn"] = knn_accuracy(enc_bank, train_y[:10000], enc_query, test_y)
+        # images: test reconstructions, samples with and without CFG (kept as uint8 files,
+        # so the Inception phase can run in a later command)
         sets = sample_sets(tokenizer, generator, encode, test_x, s, result, dev)
         per = min(20, len(sets["recon"]) // 3)  # three rows of `per` images from each set
         rows = [sets[k][i * per : (i + 1) * per] for k in sets for i in range(3)]
@@ -189,6 +203,11 @@ def run_arm(
         write_result(out, arm, result)
     inception_metrics(out, arm, inception, dev)
     return json.load(open(result_path(out, arm)))
+
+
+def _unfinished(arm: str, phase: str) -> None:
+    if world()[0] == 0:
+        print(f"[{arm}] {phase} stopped by the time budget: run the same command to resume")
 
 
 def result_path(out: str, arm: str) -> str:

@@ -1,11 +1,15 @@
 """Issue 7's experiment: does a self-supervised encoder make a better RepTok latent space?
 
-Fashion-MNIST at 32 px in pixel space, plain PyTorch (the GPU machine has no Ray or MLflow).
-Every step is a command that fits a 10-minute limit and leaves its outputs as files:
+Fashion-MNIST at 32 px in pixel space. Every training phase runs the product's loop
+(reptok_core/training/launch.train: checkpoints, resume, time budget) with the stages' real tasks
+and losses, under plain `python` or `torchrun`, without Ray or MLflow. Every step is a command
+that fits a 10-minute limit and leaves its outputs as files; a phase the time budget cut short
+resumes from its checkpoint when the same command runs again:
 
-  pretrain  DINO on the train split (ViT-S/4 with registers: configs/pretrain/small.yaml), with
-            a k-NN probe every --eval-every steps; exports the teacher as a timm-layout fp16
-            safetensors encoder whose JSON records the k-NN accuracy of exactly those weights.
+  pretrain  DINO (stages.dino.DinoTask) on the train split (ViT-S/4 with registers:
+            configs/pretrain/small.yaml), with a k-NN probe every --eval-every steps; exports the
+            teacher as a timm-layout fp16 safetensors encoder whose JSON records the k-NN
+            accuracy of exactly those weights.
   fid-ref   Inception statistics of the train and test splits (the FID references).
   arm       one arm, end to end (experiments/_ablation_arm.py): stage 1 -> tokens -> stage 2 ->
             PSNR / SSIM / rFID on the test split, gFID with and without CFG, token k-NN.
@@ -23,6 +27,9 @@ Claims: gFID(a) far below gFID(b); gFID(a) below gFID(c); PSNR(a) above PSNR(d).
     python experiments/ssl_ablation.py arm --arm a_ssl --out runs/ssl \
         --encoder runs/ssl/dino/export/encoder.safetensors
     python experiments/ssl_ablation.py report --out runs/ssl
+
+Each run's metrics are JSON lines in its folder (`--out/dino/metrics.jsonl`,
+`--out/<arm>/stage1/metrics.jsonl`, ...), beside its checkpoints.
 """
 
 from __future__ import annotations
@@ -33,120 +40,113 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
-import _bench_common  # noqa: F401  (first: puts the repo root on sys.path)
-import torch
-from _ablation_arm import ARMS, ArmSettings, run_arm
-from _fashion32 import fashion32
+# The repository root, so that `python experiments/ssl_ablation.py` finds reptok_core.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from reptok_core.config import from_dict, parse_overrides, read_yaml
-from reptok_core.device import resolve_device
-from reptok_core.evaluation.fid import FeatureStats, InceptionFeatures, extract_features, fid
-from reptok_core.stages.dino import DinoConfig, DinoTask, ProbeSet, export_encoder
-from reptok_core.training.optim import OptimConfig, build_optimizer, lr_at, train_step
+import torch  # noqa: E402
+from _ablation_arm import ARMS, ArmSettings, run_arm  # noqa: E402
+from _fashion32 import fashion32  # noqa: E402
+
+from reptok_core.config import from_dict, parse_overrides, read_yaml  # noqa: E402
+from reptok_core.evaluation.fid import FeatureStats, InceptionFeatures, extract_features, fid  # noqa: E402
+from reptok_core.stages.dino import DinoConfig, DinoTask, ProbeSet, export_encoder  # noqa: E402
+from reptok_core.training.batches import TensorBatches  # noqa: E402
+from reptok_core.training.checkpoints import FolderCheckpoints  # noqa: E402
+from reptok_core.training.distributed import init_from_env, world  # noqa: E402
+from reptok_core.training.launch import JsonLinesMetrics, train  # noqa: E402
+from reptok_core.training.loop import LoopConfig  # noqa: E402
+from reptok_core.training.optim import OptimConfig  # noqa: E402
 
 FIT_FROM, FIT_TO = 20, 100  # steps timed by `pretrain --steps -1`
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    """DINO on the train split; state in `--out/dino/state.pt`, resumed on every call."""
+    """DINO on the train split through the product's loop; checkpoints and metrics in
+    `--out/<name>/`, resumed on every call; the export once loop.steps are done."""
+    t0 = time.time()
+    device = init_from_env()
+    rank, world_size = world()
     preset = read_yaml(args.preset)
     over = parse_overrides(args.set)
     cfg = from_dict(DinoConfig, {**preset["model"], **over.get("model", {})})
     optim = from_dict(OptimConfig, {**preset.get("optim", {}), **over.get("optim", {})})
-    fit = args.steps == -1
-    steps = preset["loop"]["steps"] if args.steps <= 0 else args.steps
-    batch = args.batch or preset["loop"]["batch_size"]
-    cfg.total_steps = steps
-    dev, out = resolve_device(), os.path.join(args.out, args.name)
+    loop = from_dict(LoopConfig, {**preset.get("loop", {}), **over.get("loop", {})})
+    loop = replace(
+        loop,
+        steps=args.steps if args.steps > 0 else loop.steps,
+        batch_size=args.batch or loop.batch_size,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        seed=args.seed,
+    )
+    out = os.path.join(args.out, args.name)
     train_x, train_y = fashion32("train", args.out, args.fm_root, args.limit)
     test_x, test_y = fashion32("test", args.out, args.fm_root, args.limit)
     probe = ProbeSet(train_x[: args.knn_bank], train_y[: args.knn_bank], k=20)
-    queries = (test_x[: args.knn_queries], test_y[: args.knn_queries])
-    train_x = train_x.to(dev)  # 180 MB: sampling batches on the GPU keeps the host out of it
-    torch.manual_seed(args.seed)
-    task = DinoTask(cfg, dev, probe)
-    model = task.model
-    optimizer = build_optimizer(model.parameters(), optim, dev)
-    os.makedirs(out, exist_ok=True)
-    state_file, step = os.path.join(out, "state.pt"), 0
-    if os.path.exists(state_file):
-        st = torch.load(state_file, map_location=dev, weights_only=True)
-        model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optim"])
-        step = int(st["step"])
-    log = open(os.path.join(out, "log.jsonl"), "a")
+    queries = {"image": test_x[: args.knn_queries], "label": test_y[: args.knn_queries]}
+    # 180 MB on the GPU: batches are gathered there, keeping the host out of the step.
+    images = {"image": train_x.to(device)}
 
-    def record(**row) -> None:
-        print(f"[ssl:{args.name}] " + json.dumps(row), flush=True)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
+    def make_task(device: torch.device) -> DinoTask:
+        task = DinoTask(replace(cfg, total_steps=loop.steps), device, probe)
+        if rank == 0 and not FolderCheckpoints(out).complete():  # the k-NN of the init
+            scores, _ = task.evaluate(queries)
+            JsonLinesMetrics(out).metrics({f"eval/{k}": v for k, v in scores.items()}, 0)
+        return task
 
-    def knn() -> float:
-        metrics, _ = task.evaluate({"image": queries[0], "label": queries[1]})
-        return metrics["knn_acc"]
+    def export(state: dict[str, torch.Tensor]) -> None:
+        command = "python experiments/ssl_ablation.py " + " ".join(sys.argv[1:])
+        extra = {"command": command, "step": loop.steps, "batch": loop.batch_size * world_size}
+        meta = export_encoder(
+            state, cfg, os.path.join(out, "export"), fp16=True, extra=extra, probe=probe,
+            queries=(queries["image"], queries["label"]),
+        )  # fmt: skip
+        JsonLinesMetrics(out).metrics({"exported_knn_acc": meta["knn_accuracy"]}, loop.steps)
+        print(f"[ssl:{args.name}] exported, k-NN {meta['knn_accuracy']:.4f}", flush=True)
 
-    if step == 0:
-        record(step=0, knn_acc=knn())
-    gen = torch.Generator(device=dev).manual_seed(args.seed + step)
-    t0, precision = time.time(), "bf16" if dev.type == "cuda" else "fp32"
-    while step < steps and time.time() - t0 < args.minutes * 60:
-        idx = torch.randint(0, len(train_x), (batch,), generator=gen, device=dev)
-        res = train_step(
-            model,
-            optimizer,
-            lambda idx=idx: task.loss({"image": train_x[idx]}),
-            lr=lr_at(step, steps, optim),
-            grad_clip=optim.grad_clip,
-            device=dev,
-            precision=precision,
-        )
-        step += 1
-        task.after_step(step)
-        if fit and step in (FIT_FROM, FIT_TO):
-            # --steps -1: the schedules' length is what --minutes allows at the speed of steps
-            # FIT_FROM..FIT_TO (the first steps pay for start-up and would underestimate it);
-            # logged, so the run can be repeated with --steps N.
-            res["dino"].item()  # wait for the GPU before reading the clock
-            if step == FIT_FROM:
-                t_fit = time.time()
-            else:
-                per_step = (time.time() - t_fit) / (FIT_TO - FIT_FROM)
-                left = args.minutes * 60 * 0.9 - (time.time() - t0)
-                steps = cfg.total_steps = max((step + int(left / per_step)) // 100 * 100, 100)
-                record(step=step, fitted_steps=steps, s_per_step=per_step)
-        if step % args.log_every == 0:
-            record(
-                step=step,
-                dino=res["dino"].item(),
-                teacher_entropy=res["teacher_entropy"].item(),
-                s_per_step=(time.time() - t0) / step,
-            )
-        if step % args.eval_every == 0 or step == steps:
-            record(step=step, knn_acc=knn(), minutes=(time.time() - t0) / 60)
-    torch.save(
-        {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": step}, state_file
-    )
-    meta = export_encoder(
-        model.state_dict(),
-        cfg,
-        os.path.join(out, "export"),
-        fp16=True,
-        extra={
-            "command": "python experiments/ssl_ablation.py " + " ".join(sys.argv[1:]),
-            "step": step,
-            "batch": batch,
-        },  # fmt: skip
-        probe=probe,
-        queries=queries,
-    )
-    record(step=step, exported_knn_acc=meta["knn_accuracy"], done=step >= steps)
+    def phase(loop: LoopConfig) -> None:
+        left = args.minutes - (time.time() - t0) / 60
+        if left <= 0:
+            return
+        batches = TensorBatches(images, loop.batch_size, loop.seed)
+        train(make_task, replace(loop, max_minutes=left), optim, out=out, batches=batches,
+              eval_batch=queries, export=export)  # fmt: skip
+
+    if args.steps == -1:
+        loop = replace(loop, steps=fit_steps(args, out, loop, t0, phase))
+    phase(loop)
+
+
+def fit_steps(args: argparse.Namespace, out: str, loop: LoopConfig, t0: float, phase) -> int:
+    """`--steps -1`: the schedules' length is what --minutes allows at the speed of steps
+    FIT_FROM..FIT_TO (the first steps pay for start-up and would underestimate it), timed by
+    training to FIT_TO; kept in `fitted_steps.json`, so resumed calls keep the same schedules."""
+    path = os.path.join(out, "fitted_steps.json")
+    if not os.path.exists(path):
+        phase(replace(loop, stop_at_step=FIT_TO, log_every=FIT_FROM))
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        rates = {r["step"]: r["images_per_s"] for r in rows if "images_per_s" in r}
+        # images_per_s of a log step covers the FIT_FROM steps before it
+        windows = range(2 * FIT_FROM, FIT_TO + 1, FIT_FROM)
+        per_step = sum(loop.batch_size * world()[1] / rates[s] for s in windows) / len(windows)
+        left = args.minutes * 60 * 0.9 - (time.time() - t0)
+        steps = max((FIT_TO + int(left / per_step)) // 100 * 100, 100)
+        if world()[0] == 0:
+            with open(path, "w") as f:
+                json.dump({"steps": steps, "s_per_step": per_step}, f)
+        print(f"[ssl:{args.name}] fitted {steps} steps at {per_step:.4f} s/step", flush=True)
+        return steps
+    with open(path) as f:
+        return json.load(f)["steps"]
 
 
 def fid_reference(args: argparse.Namespace) -> None:
     """Inception statistics of both splits, plus FID(test, train): the floor a perfect
     generator would reach with 10k samples."""
-    net = InceptionFeatures(args.inception or None).to(resolve_device())
+    net = InceptionFeatures(args.inception or None).to(init_from_env())
     stats = {}
     for split in ("train", "test"):
         images, _ = fashion32(split, args.out, args.fm_root, args.limit)
@@ -169,6 +169,7 @@ def arm(args: argparse.Namespace) -> None:
         samples=args.samples,
         decode_steps=args.decode_steps,
         seed=args.seed,
+        minutes=args.minutes,
     )
     run_arm(
         args.arm, args.encoder, settings, args.out, args.fm_root, args.inception or None, args.limit
@@ -198,11 +199,14 @@ def main() -> None:
     a = sub.add_parser("pretrain", help="DINO, resumable, with a k-NN probe")
     a.add_argument("--preset", default="configs/pretrain/small.yaml")
     a.add_argument("--name", default="dino", help="sub-folder of --out for this run")
-    a.add_argument("--set", nargs="*", default=[], help="model.x=y / optim.x=y overrides")
+    a.add_argument(
+        "--set", nargs="*", default=[], help="model.x=y / optim.x=y / loop.x=y overrides"
+    )
     a.add_argument("--steps", type=int, default=0, help="0 = the preset's loop.steps; -1 = as "
                    "many as --minutes allows (timed on steps 20-100)")  # fmt: skip
     a.add_argument("--batch", type=int, default=0, help="0 = the preset's loop.batch_size")
-    a.add_argument("--minutes", type=float, default=9.0, help="stop (and save) after this long")
+    a.add_argument("--minutes", type=float, default=9.0, help="stop (checkpoint) after this long; "
+                   "the same command resumes")  # fmt: skip
     a.add_argument("--log-every", type=int, default=100)
     a.add_argument("--eval-every", type=int, default=1000)
     a.add_argument("--knn-bank", type=int, default=10000)
@@ -217,6 +221,8 @@ def main() -> None:
     b.add_argument("--gen-batch", type=int, default=512)
     b.add_argument("--samples", type=int, default=10000, help="images per FID set")
     b.add_argument("--decode-steps", type=int, default=25, help="decoder Euler steps")
+    b.add_argument("--minutes", type=float, default=9.0, help="training stops (checkpoint) "
+                   "after this long; the same command resumes")  # fmt: skip
     sub.add_parser("report", help="the arms' results as a Markdown table")
     args = p.parse_args()
     {"pretrain": pretrain, "fid-ref": fid_reference, "arm": arm, "report": report}[args.cmd](args)

@@ -91,3 +91,11 @@ def test_folder_checkpoints_on_s3(fashion_parquet, s3_bucket, tmp_path):
     assert _checkpoints(out) == ["checkpoint_00000002"]
     _same(whole, _train(out, data, metrics_dir=str(tmp_path / "m"), **short))
     assert _checkpoints(out) == ["checkpoint_00000002", "checkpoint_00000004"]
+
+
+def test_time_budget_stops_on_a_log_step_and_resumes(fashion_parquet, tmp_path):
+    data, out = fashion_parquet / "train", str(tmp_path / "run")
+    short = dict(steps=4, checkpoint_every=4)
+    assert _train(out, data, max_minutes=1e-9, **short) == {}  # spent at once: stops at step 2
+    assert _checkpoints(out) == ["checkpoint_00000002"]
+    _same(_train(str(tmp_path / "whole"), data, **short), _train(out, data, **short))

@@ -4,7 +4,7 @@ A *task* (reptok_core.stages.dino.DinoTask, .tokenizer.TokenizerTask, .generator
 supplies the model and what a batch means; this loop supplies everything around it: FSDP2
 (task.shard() in a process group), torch.compile, the CUDA-graph step, precision, optimiser and
 EMA, sharded checkpoints with resume at (epoch, batch), the fault drill, evaluation and sample
-grids, progress lines, stop_at_step, and the export of the EMA weights on rank 0.
+grids, progress lines, stop_at_step / max_minutes, and the export of the EMA weights on rank 0.
 
 Where it differs by environment it talks to three seams, each a small Protocol below:
 - CheckpointStore: where checkpoints live (training/checkpoints.FolderCheckpoints; Ray Train's
@@ -67,6 +67,9 @@ class LoopConfig:
     seed: int = opt(0, "base seed (each rank adds its rank)")
     stop_at_step: int = opt(
         0, "stop cleanly after this step (0 = run to the end); a re-run resumes"
+    )
+    max_minutes: float = opt(
+        0, "stop cleanly after this many minutes of training (0 = no limit); a re-run resumes"
     )
     kill_worker_at_step: int = opt(
         0, "fault drill: rank 1 (or 0) dies once at this step; FailureConfig restarts"
@@ -157,6 +160,17 @@ def _maybe_die(cfg: LoopConfig, step: int, rank: int, marker_dir: str) -> None:
         os._exit(1)
 
 
+def _out_of_time(cfg: LoopConfig, step: int, t_start: float, device: torch.device) -> bool:
+    """Whether loop.max_minutes is spent. Checked on log steps only, and rank 0's clock decides
+    for every rank: ranks that disagreed would wait on each other's checkpoint forever."""
+    if cfg.max_minutes <= 0 or step % cfg.log_every:
+        return False
+    late = torch.tensor(float(time.time() - t_start > cfg.max_minutes * 60), device=device)
+    if is_distributed():
+        torch.distributed.broadcast(late, 0)
+    return bool(late.item())
+
+
 def run(
     make_task: Callable[[torch.device], Task],
     loop: LoopConfig,
@@ -171,8 +185,8 @@ def run(
     run_dir: str = "",
     checkpoint_meta: dict[str, Any] | None = None,
 ) -> None:
-    """Train `make_task(device)` to loop.steps (or loop.stop_at_step), resuming from the newest
-    checkpoint; then `export(full EMA state dict)` on rank 0. Call on every rank.
+    """Train `make_task(device)` to loop.steps (or loop.stop_at_step / max_minutes), resuming
+    from the newest checkpoint; then `export(full EMA state dict)` on rank 0. Call on every rank.
 
     batches: None = the task's own `epoch_batches`. eval_batch: the fixed held-out batch
     (None = no evaluation). run_dir: the run's folder (local or s3://), where the fault drill
@@ -267,7 +281,8 @@ def run(
                     flush=True,
                 )
             t_last, imgs_since = now, 0
-        last = step == loop.steps or step == loop.stop_at_step
+        stop = step == loop.stop_at_step or _out_of_time(loop, step, t_start, device)
+        last = step == loop.steps or stop
         if eval_batch is not None and ((loop.eval_every and step % loop.eval_every == 0) or last):
             model.eval()
             with ema.swapped_in(model):
@@ -287,10 +302,11 @@ def run(
                 write_checkpoint(
                     folder, model, optimizer, ema, {**trainer_state, **(checkpoint_meta or {})}
                 )
-        if step == loop.stop_at_step:
+        if stop and step < loop.steps:
             if rank == 0:
                 print(
-                    f"[train] stopping at step {step} as asked (loop.stop_at_step); re-run to resume",
+                    f"[train] stopping at step {step} as asked (loop.stop_at_step / "
+                    "loop.max_minutes); re-run to resume",
                     flush=True,
                 )
             return
