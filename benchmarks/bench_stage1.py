@@ -1,10 +1,11 @@
 """Stage-1 (tokenizer) training step on one device, without Ray: step time, images/s, counted
 FLOPs per image, MFU against a bf16 matmul peak measured in the same run, peak memory.
 
-The step is the `paper` preset's: DINOv2-B/14-reg4 at 224 px with only `cls_token` trainable
-(forward + backward to the cls token), its frozen target copy (forward, no grad), and the XL
-decoder on 4x32x32 SD-VAE latents given precomputed (images 256 px); bf16 autocast, fused
-AdamW, gradient clipping at 1.0. Random weights (`EncoderConfig(weights="random")`).
+The step is the product's (`reptok_core.training.optim.train_step`: bf16 autocast, clipping at
+1.0, fused AdamW, EMA) on `TokenizerTask.loss` (flow + cosine term) of the `paper` preset:
+DINOv2-B/14-reg4 at 224 px with only `cls_token` trainable (forward + backward to the cls
+token), its frozen target copy (forward, no grad), and the XL decoder on 4x32x32 SD-VAE latents
+given precomputed (uint8 images 256 px). Random weights (`EncoderConfig(weights="random")`).
 
     python benchmarks/bench_stage1.py --runs eager:128,regional:256,full:256 --out s1.json
     python benchmarks/bench_stage1.py --tiny --device cpu --runs eager:4,regional:4   # smoke
@@ -27,15 +28,21 @@ from reptok_core.config import preset_section
 from reptok_core.models.encoder import EncoderConfig
 from reptok_core.models.tokenizer import Tokenizer, TokenizerConfig
 from reptok_core.perf import count_flops, measure_matmul_peak, time_calls
+from reptok_core.stages.tokenizer import TokenizerTask
+from reptok_core.training.optim import EMA, OptimConfig, build_optimizer, train_step
+
+OPTIM = OptimConfig(lr=1e-4, warmup_steps=0)
 
 
-def build(tiny: bool, device: torch.device) -> Tokenizer:
+def build(tiny: bool, device: torch.device) -> TokenizerTask:
     cfg = preset_section(TokenizerConfig, "tokenizer/tiny" if tiny else "tokenizer/paper")
     cfg.encoder = EncoderConfig(**{**cfg.encoder.__dict__, "weights": "random"})
     latents = bc.PrecomputedLatents(cfg.latent)
     torch.manual_seed(0)
     with torch.device(device):
-        return Tokenizer(cfg, latent_space=latents).to(device).train()
+        task = TokenizerTask(cfg, device, latent_space=latents)
+    task.model.train()
+    return task
 
 
 def blocks_of(model: Tokenizer) -> list[torch.nn.Module]:
@@ -43,54 +50,41 @@ def blocks_of(model: Tokenizer) -> list[torch.nn.Module]:
     return [*model.decoder.blocks, *enc.vit.blocks, *enc.frozen.blocks]
 
 
-def batch_of(model: Tokenizer, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    s = model.cfg.image_size
+def batch_of(task: TokenizerTask, b: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """uint8 images and their precomputed latents, as the images Parquet gives them."""
+    s = task.cfg.image_size
     gen = torch.Generator(device=device).manual_seed(1)
-    images = torch.rand(b, 3, s, s, device=device, generator=gen) * 2 - 1
-    latents = torch.randn(b, *model.latent_shape(), device=device, generator=gen)
-    return images, latents
+    images = torch.randint(0, 256, (b, s, s, 3), device=device, generator=gen).byte()
+    latents = torch.randn(b, *task.model.latent_shape(), device=device, generator=gen)
+    return {"image": images, "vae_latent": latents.flatten(1)}
 
 
-def make_loss(model: Tokenizer, bf16: bool):
-    def loss(images: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return model.loss(images, latents)["total"]
-
-    return loss
-
-
-def make_step(model: Tokenizer, loss_fn, opt, params, images, latents):
-    def step() -> None:
-        loss_fn(images, latents).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def flops_per_image(model: Tokenizer, device: torch.device, bf16: bool, batch: int) -> float:
+def flops_per_image(task: TokenizerTask, device: torch.device, batch: int) -> float:
     """Counted on one eager forward + backward (the work the compiled step must also do)."""
-    images, latents = batch_of(model, batch, device)
-    loss_fn = make_loss(model, bf16)
-    flops = count_flops(lambda: loss_fn(images, latents).backward())
-    model.zero_grad(set_to_none=True)
+    b = batch_of(task, batch, device)
+    flops = count_flops(lambda: task.loss(b)["total"].backward())
+    task.model.zero_grad(set_to_none=True)
     return flops / batch
 
 
-def run_one(model, spec: bc.RunSpec, device, args, fpi: float, peak: float) -> dict:
-    bf16 = device.type == "cuda"
-    params = model.trainable_parameters()
+def run_one(task, spec: bc.RunSpec, device, args, fpi: float, peak: float) -> dict:
+    model = task.model
     torch._dynamo.reset()
     model.decoder.grad_checkpointing = spec.option == "ac"
-    loss_fn = make_loss(model, bf16)
+    loss_fn = task.loss
     if spec.mode == "full":
         loss_fn = torch.compile(loss_fn, dynamic=False)
     elif spec.mode == "regional":
         bc.compile_blocks(blocks_of(model))
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), fused=device.type == "cuda")
-    images, latents = batch_of(model, spec.batch, device)
-    step = make_step(model, loss_fn, opt, params, images, latents)
+    opt = build_optimizer(model.parameters(), OPTIM, device)
+    ema = EMA(model, OPTIM.ema_decay)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    batch = batch_of(task, spec.batch, device)
+
+    def step() -> None:
+        train_step(model, opt, lambda: loss_fn(batch), lr=OPTIM.lr, grad_clip=OPTIM.grad_clip,
+                   device=device, precision=precision, ema=ema)  # fmt: skip
+
     backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
     attn = sdpa_kernel([backends[spec.option]]) if spec.option in backends else nullcontext()
     try:
@@ -103,7 +97,6 @@ def run_one(model, spec: bc.RunSpec, device, args, fpi: float, peak: float) -> d
         bc.uncompile_blocks(blocks_of(model))
         model.decoder.grad_checkpointing = False
         model.zero_grad(set_to_none=True)
-        del opt
     return bc.step_result(times, first, spec.batch, fpi, peak, device, "images_per_s")
 
 
@@ -127,9 +120,9 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
     peak = measure_matmul_peak(device)
-    model = build(args.tiny, device)
-    n_dec = sum(p.numel() for p in model.decoder.parameters())
-    fpi = flops_per_image(model, device, device.type == "cuda", args.flops_batch)
+    task = build(args.tiny, device)
+    n_dec = sum(p.numel() for p in task.model.decoder.parameters())
+    fpi = flops_per_image(task, device, args.flops_batch)
     res = bc.Results(
         args.out,
         {
@@ -148,7 +141,7 @@ def main() -> None:
         if args.time_budget and res.elapsed() > args.time_budget:
             res.add({"run": spec.name, "status": "skipped (time budget)"})
             continue
-        row = bc.guarded(lambda s=spec: run_one(model, s, device, args, fpi, peak), device)
+        row = bc.guarded(lambda s=spec: run_one(task, s, device, args, fpi, peak), device)
         res.add({"run": spec.name, "batch": spec.batch, **row})
     cols = ["run", "status", "step_s", "images_per_s", "tflops_per_s", "mfu", "peak_mem_gb"]
     bc.print_table(res.doc["runs"], cols + ["first_step_s"])

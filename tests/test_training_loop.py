@@ -99,3 +99,50 @@ def test_time_budget_stops_on_a_log_step_and_resumes(fashion_parquet, tmp_path):
     assert _train(out, data, max_minutes=1e-9, **short) == {}  # spent at once: stops at step 2
     assert _checkpoints(out) == ["checkpoint_00000002"]
     _same(_train(str(tmp_path / "whole"), data, **short), _train(out, data, **short))
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch
+from reptok_core.config import from_dict, read_yaml
+from reptok_core.formats.images import ImageBatches
+from reptok_core.models.tokenizer import TokenizerConfig
+from reptok_core.stages.tokenizer import TokenizerTask
+from reptok_core.training.launch import train
+from reptok_core.training.loop import LoopConfig
+from reptok_core.training.optim import OptimConfig
+
+out, data, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
+preset = read_yaml("configs/tokenizer/tiny.yaml")
+model = from_dict(TokenizerConfig, preset["model"])
+loop = LoopConfig(steps=6, batch_size=8, log_every=2, checkpoint_every=2, eval_every=0,
+                  stop_at_step=stop, shuffle_buffer=16)
+train(lambda device: TokenizerTask(model, device), loop, from_dict(OptimConfig, preset["optim"]),
+      out=out, batches=ImageBatches(data, loop.batch_size, loop.seed, loop.shuffle_buffer),
+      export=lambda state: torch.save(state, out + "/final.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_stop_resume(fashion_parquet, tmp_path):
+    """FSDP over gloo in two processes: the shared checkpoint folder, and replicated parameters
+    (the tiny preset's random frozen encoder) initialised alike on both ranks, so a resumed run
+    ends bit for bit where an uninterrupted one does."""
+    import os
+    import subprocess
+
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: str, stop: int) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        cmd += [str(script), out, str(fashion_parquet / "train"), str(stop)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    torchrun(whole, 0)
+    torchrun(parts, 3)
+    assert _checkpoints(parts) == ["checkpoint_00000002", "checkpoint_00000003"]
+    torchrun(parts, 0)
+    _same(torch.load(f"{whole}/final.pt"), torch.load(f"{parts}/final.pt"))

@@ -193,10 +193,14 @@ def run(
     leaves its marker. checkpoint_meta: extra fields for every checkpoint's trainer_state.json.
     """
     rank, world_size = world()
+    # One initialisation on every rank: replicated parameters (stage 0's student, frozen random
+    # encoders) must agree, and a checkpoint keeps only one copy of them. Then each rank draws
+    # its own flips and noise.
+    torch.manual_seed(loop.seed)
+    task = make_task(device)
     torch.manual_seed(loop.seed + rank)
     np.random.seed(loop.seed + rank)
     random.seed(loop.seed + rank)
-    task = make_task(device)
     model = task.model
     if is_distributed():
         task.shard()
