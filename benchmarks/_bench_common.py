@@ -127,6 +127,25 @@ class Results:
         self.write()
         print(json.dumps(row), flush=True)
 
+    def run_specs(
+        self,
+        specs: list[RunSpec],
+        run: Callable[[RunSpec], dict],
+        device: torch.device,
+        time_budget: float,
+        rate: str,
+    ) -> None:
+        """Each `mode:batch[:option]` spec in turn, guarded; specs past the time budget become
+        'skipped' rows. Then the table, with `rate` (images_per_s, samples_per_s) as a column."""
+        for spec in specs:
+            if time_budget and self.elapsed() > time_budget:
+                self.add({"run": spec.name, "status": "skipped (time budget)"})
+                continue
+            row = guarded(lambda s=spec: run(s), device)
+            self.add({"run": spec.name, "batch": spec.batch, **row})
+        cols = ["run", "status", "step_s", rate, "tflops_per_s", "mfu", "peak_mem_gb"]
+        print_table(self.doc["runs"], cols + ["first_step_s"])
+
     def write(self) -> None:
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)

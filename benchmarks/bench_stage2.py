@@ -147,14 +147,13 @@ def main() -> None:
         },
     )
     print(f"peak {peak / 1e12:.1f} TFLOP/s, {fps / 1e9:.2f} GFLOP/sample, {n_params / 1e6:.0f}M")
-    for spec in bc.parse_runs(args.runs):
-        if args.time_budget and res.elapsed() > args.time_budget:
-            res.add({"run": spec.name, "status": "skipped (time budget)"})
-            continue
-        row = bc.guarded(lambda s=spec: run_one(task, s, device, args, fps, peak), device)
-        res.add({"run": spec.name, "batch": spec.batch, **row})
-    cols = ["run", "status", "step_s", "samples_per_s", "tflops_per_s", "mfu", "peak_mem_gb"]
-    bc.print_table(res.doc["runs"], cols + ["first_step_s"])
+    res.run_specs(
+        bc.parse_runs(args.runs),
+        lambda spec: run_one(task, spec, device, args, fps, peak),
+        device,
+        args.time_budget,
+        "samples_per_s",
+    )
 
 
 if __name__ == "__main__":
