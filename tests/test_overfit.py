@@ -1,6 +1,8 @@
 """A tiny tokenizer overfits 8 real Fashion-MNIST images through the shared training step.
 
-Measured (CPU, seed 0): PSNR 5.6 dB at init -> ~9.1 dB after 450 steps; the assert leaves margin.
+Measured (CPU, 2026-12-02 packages): PSNR 5.6 dB at init -> 9.1 / 9.4 / 10.2 dB after 750 steps
+with seeds 0 / 1 / 2. At 450 steps seed 0 reached 9.1 dB with the packages of 2026-11 but 8.5 dB
+with today's (same torch pin, newer unpinned dependencies), under the +3 dB bar: hence 750.
 """
 
 import numpy as np
@@ -33,7 +35,7 @@ def test_tiny_tokenizer_overfits_eight_images():
     opt = build_optimizer(task.model.parameters(), ocfg, torch.device("cpu"))
     ema = EMA(task.model, 0.9)
     losses = []
-    for _ in range(450):
+    for _ in range(750):
         out = train_step(
             task.model,
             opt,
