@@ -24,7 +24,7 @@ import torch.distributed as dist
 from _fashion32 import fashion32
 from PIL import Image
 
-from reptok_core.config import from_dict, read_yaml
+from reptok_core.config import preset_section
 from reptok_core.evaluation.fid import FeatureStats, InceptionFeatures, extract_features, fid
 from reptok_core.evaluation.metrics import psnr, ssim
 from reptok_core.exports.generator import export_generator, load_generator
@@ -65,7 +65,7 @@ class ArmSettings:
 
 def tokenizer_config(arm: str, encoder: str) -> TokenizerConfig:
     spec = ARMS[arm]
-    cfg = from_dict(TokenizerConfig, read_yaml("configs/tokenizer/small.yaml")["model"])
+    cfg = preset_section(TokenizerConfig, "tokenizer/small")
     if spec["ssl"] and not encoder:
         raise ValueError(f"arm {arm} needs --encoder (the SSL encoder's safetensors)")
     # Not the preset's weights: they are the shipped SSL encoder, which the random arm must not get.
@@ -130,7 +130,6 @@ def run_arm(
         built.append(TokenizerTask(cfg, device))
         return built[-1]
 
-    preset = read_yaml("configs/tokenizer/small.yaml")
     loop = LoopConfig(steps=s.tok_steps, batch_size=s.tok_batch, log_every=250,
                       checkpoint_every=1000, eval_every=0, seed=s.seed)  # fmt: skip
     if not run_phase(
@@ -138,7 +137,7 @@ def run_arm(
         os.path.join(tok_dir, "tokenizer.json"),
         make_tokenizer_task,
         loop,
-        from_dict(OptimConfig, preset["optim"]),
+        preset_section(OptimConfig, "tokenizer/small", "optim"),
         deadline,
         lambda state: export_tokenizer(
             state, cfg, built[-1].model.decoder.sizes, tok_dir, extra={"arm": arm}
@@ -157,8 +156,7 @@ def run_arm(
 
     # ---- stage 2
     gen_dir = os.path.join(work, "generator")
-    preset = read_yaml("configs/generator/small.yaml")
-    gcfg = from_dict(GeneratorConfig, preset["model"])
+    gcfg = preset_section(GeneratorConfig, "generator/small")
     normalizer = TokenNormalizer(train_tok.mean(0).cpu(), train_tok.std(0).cpu())
     data = {"token": train_tok, "label": train_y_gpu}
     loop = LoopConfig(steps=s.gen_steps, batch_size=s.gen_batch, log_every=250,
@@ -168,7 +166,7 @@ def run_arm(
         os.path.join(gen_dir, "generator.json"),
         lambda device: GeneratorTask(gcfg, normalizer, device, data=data),
         loop,
-        from_dict(OptimConfig, preset["optim"]),
+        preset_section(OptimConfig, "generator/small", "optim"),
         deadline,
         lambda state: export_generator(
             state, gcfg, {"token_dim": train_tok.shape[1]}, normalizer, gen_dir, {"arm": arm}
@@ -237,13 +235,14 @@ def sample_sets(tokenizer, generator, encode, test_x, s: ArmSettings, result: di
     sets = {"recon": images_to_uint8(recon)}
     labels = torch.arange(s.samples, device=dev) % 10
     gcfg = generator.cfg
+    steps = preset_section(LoopConfig, "generator/small", "loop").sample_steps
     for name, scale in (("cfg", gcfg.guidance_scale), ("no_cfg", 1.0)):
         chunks = []
         for i in range(0, s.samples, 1000):
             with amp:
                 tok = sample_tokens(generator.model, generator.normalizer,
                                     labels=labels[i : i + 1000], scale=scale,
-                                    interval=tuple(gcfg.guidance_interval), steps=50, seed=i)  # fmt: skip
+                                    interval=tuple(gcfg.guidance_interval), steps=steps, seed=i)  # fmt: skip
             chunks.append(images_to_uint8(decode(tok, seed=10**6 + i)))
         sets[name] = np.concatenate(chunks)
     result["guidance_scale"], result["guidance_interval"] = (

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from _ablation_arm import ARMS, ArmSettings, run_arm  # noqa: E402
 from _fashion32 import fashion32  # noqa: E402
 
-from reptok_core.config import from_dict, parse_overrides, read_yaml  # noqa: E402
+from reptok_core.config import from_dict, merge, parse_overrides, read_yaml  # noqa: E402
 from reptok_core.evaluation.fid import FeatureStats, InceptionFeatures, extract_features, fid  # noqa: E402
 from reptok_core.stages.dino import DinoConfig, DinoTask, ProbeSet, export_encoder  # noqa: E402
 from reptok_core.training.batches import TensorBatches  # noqa: E402
@@ -60,6 +60,7 @@ from reptok_core.training.loop import LoopConfig  # noqa: E402
 from reptok_core.training.optim import OptimConfig  # noqa: E402
 
 FIT_FROM, FIT_TO = 20, 100  # steps timed by `pretrain --steps -1`
+ARM_DEFAULTS = ArmSettings()
 
 
 def pretrain(args: argparse.Namespace) -> None:
@@ -68,11 +69,10 @@ def pretrain(args: argparse.Namespace) -> None:
     t0 = time.time()
     device = init_from_env()
     rank, world_size = world()
-    preset = read_yaml(args.preset)
-    over = parse_overrides(args.set)
-    cfg = from_dict(DinoConfig, {**preset["model"], **over.get("model", {})})
-    optim = from_dict(OptimConfig, {**preset.get("optim", {}), **over.get("optim", {})})
-    loop = from_dict(LoopConfig, {**preset.get("loop", {}), **over.get("loop", {})})
+    preset = merge(read_yaml(args.preset), parse_overrides(args.set))
+    cfg = from_dict(DinoConfig, preset["model"], f"{args.preset}:model")
+    optim = from_dict(OptimConfig, preset.get("optim", {}), f"{args.preset}:optim")
+    loop = from_dict(LoopConfig, preset.get("loop", {}), f"{args.preset}:loop")
     loop = replace(
         loop,
         steps=args.steps if args.steps > 0 else loop.steps,
@@ -215,14 +215,16 @@ def main() -> None:
     b = sub.add_parser("arm", help="one arm: stage 1, tokens, stage 2, metrics")
     b.add_argument("--arm", required=True, choices=sorted(ARMS))
     b.add_argument("--encoder", default="", help="the SSL encoder's safetensors (SSL arms)")
-    b.add_argument("--tok-steps", type=int, default=4000)
-    b.add_argument("--tok-batch", type=int, default=256)
-    b.add_argument("--gen-steps", type=int, default=6000)
-    b.add_argument("--gen-batch", type=int, default=512)
-    b.add_argument("--samples", type=int, default=10000, help="images per FID set")
-    b.add_argument("--decode-steps", type=int, default=25, help="decoder Euler steps")
-    b.add_argument("--minutes", type=float, default=9.0, help="training stops (checkpoint) "
-                   "after this long; the same command resumes")  # fmt: skip
+    b.add_argument("--tok-steps", type=int, default=ARM_DEFAULTS.tok_steps)
+    b.add_argument("--tok-batch", type=int, default=ARM_DEFAULTS.tok_batch)
+    b.add_argument("--gen-steps", type=int, default=ARM_DEFAULTS.gen_steps)
+    b.add_argument("--gen-batch", type=int, default=ARM_DEFAULTS.gen_batch)
+    b.add_argument("--samples", type=int, default=ARM_DEFAULTS.samples, help="images per FID set")
+    b.add_argument(
+        "--decode-steps", type=int, default=ARM_DEFAULTS.decode_steps, help="decoder Euler steps"
+    )
+    b.add_argument("--minutes", type=float, default=ARM_DEFAULTS.minutes,
+                   help="training stops (checkpoint) after this long; the same command resumes")  # fmt: skip
     sub.add_parser("report", help="the arms' results as a Markdown table")
     args = p.parse_args()
     {"pretrain": pretrain, "fid-ref": fid_reference, "arm": arm, "report": report}[args.cmd](args)

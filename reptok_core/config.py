@@ -124,7 +124,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)
-        return dict(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        # A free-form mapping has no field types to coerce to: a `key.sub=4` override arrives
+        # as the string "4", so its words are read as YAML (4 -> int, true -> bool).
+        return {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in value.items()}
     return value
 
 
@@ -179,11 +183,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, section by section (an override of one key keeps its siblings)."""
     merged = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = _merge(merged[k], v)
+            merged[k] = merge(merged[k], v)
         else:
             merged[k] = v
     return merged
@@ -208,7 +213,7 @@ def load_config(
     overrides: list[str] | None = None,
 ) -> T:
     data = read_yaml(preset) if preset else {}
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
 
 

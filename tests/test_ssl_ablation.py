@@ -34,13 +34,17 @@ def out(tmp_path_factory) -> Path:
 
 def test_pretrain_stops_resumes_and_exports(out):
     args = ["pretrain", "--preset", "configs/pretrain/tiny.yaml", "--steps", "4", "--batch", "8",
-            "--log-every", "2", "--eval-every", "2", "--knn-bank", "32", "--knn-queries", "16"]  # fmt: skip
-    _ablation(out, *args, "--set", "loop.stop_at_step=2")
+            "--log-every", "2", "--eval-every", "2", "--knn-bank", "32", "--knn-queries", "16",
+            "--set", "model.encoder.arch.depth=1"]  # fmt: skip
+    _ablation(out, *args, "loop.stop_at_step=2")
     run = out / "dino"
     assert not (run / "export").exists() and (run / "checkpoint_00000002").is_dir()
     assert "resuming at step 2" in _ablation(out, *args)
     meta = json.loads((run / "export" / "encoder.json").read_text())
     assert meta["step"] == 4 and 0 <= meta["knn_accuracy"] <= 1
+    # an override of one nested key keeps the preset's other keys of that section
+    assert meta["encoder"]["arch"]["depth"] == 1 and meta["encoder"]["arch"]["embed_dim"] == 32
+    assert meta["encoder"]["img_size"] == 16
     rows = _metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows if "eval/knn_acc" in r] == [0, 2, 4]  # the init's k-NN first
     assert [r["step"] for r in rows if "dino" in r] == [2, 4]
