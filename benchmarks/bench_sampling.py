@@ -30,8 +30,9 @@ import torch
 from reptok_core import flow
 from reptok_core.config import preset_section
 from reptok_core.models.decoder import Decoder
+from reptok_core.models.generator import GeneratorConfig
 from reptok_core.models.latent_space import SD_VAE_FT_MSE, SDVAESpace
-from reptok_core.models.mixer import MixerBlock, MixerConfig, MixerGenerator
+from reptok_core.models.mixer import MixerBlock, MixerGenerator
 from reptok_core.models.tokenizer import TokenizerConfig
 from reptok_core.perf import synchronize
 
@@ -51,11 +52,11 @@ TINY_VAE = dict(
 def build(tiny: bool, device: torch.device):
     size = "tiny" if tiny else "paper"
     tok_cfg = preset_section(TokenizerConfig, f"tokenizer/{size}")
-    mixer_cfg = preset_section(MixerConfig, f"generator/{size}", "model.mixer")
+    gen_cfg = preset_section(GeneratorConfig, f"generator/{size}")
     token_dim = bc.preset_token_dim(size)
     torch.manual_seed(0)
     with torch.device(device):
-        mixer = MixerGenerator(mixer_cfg, token_dim)
+        mixer = MixerGenerator(gen_cfg.mixer, token_dim)
         vae = SDVAESpace.from_config(TINY_VAE if tiny else SD_VAE_FT_MSE)
         side = tok_cfg.image_size // vae.downsample
         decoder = Decoder(tok_cfg.decoder, token_dim, in_channels=vae.channels, input_size=side)
@@ -65,7 +66,8 @@ def build(tiny: bool, device: torch.device):
         for p in m.parameters():
             if p.ndim >= 2 and not p.detach().any():
                 torch.nn.init.normal_(p, std=0.02)
-    return mixer.to(device).eval(), decoder.to(device).eval(), vae.to(device).eval()
+    guidance = (gen_cfg.guidance_scale, tuple(gen_cfg.guidance_interval))
+    return mixer.to(device).eval(), decoder.to(device).eval(), vae.to(device).eval(), guidance
 
 
 def cast_params(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -77,7 +79,7 @@ def cast_params(module: torch.nn.Module, dtype: torch.dtype) -> None:
 class Generator:
     """label -> image with fixed shapes; the math of models.generator.sample_tokens + decode."""
 
-    def __init__(self, mixer, decoder, vae, batch, steps=50, scale=1.5, interval=(0.3, 0.9)):
+    def __init__(self, mixer, decoder, vae, batch, steps, scale, interval):
         self.mixer, self.decoder, self.vae = mixer, decoder, vae
         self.steps, self.scale, self.interval = steps, scale, interval
         dev = next(mixer.parameters()).device
@@ -244,7 +246,7 @@ def main() -> None:
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
 
-    mixer, decoder, vae = build(args.tiny, device)
+    mixer, decoder, vae, guidance = build(args.tiny, device)
     res = bc.Results(
         args.out,
         {
@@ -257,7 +259,7 @@ def main() -> None:
 
     # Same math check in fp32: fast schedule + batched CFG vs the reference path.
     with torch.no_grad():
-        gen32 = Generator(mixer, decoder, vae, 1, steps=args.steps)
+        gen32 = Generator(mixer, decoder, vae, 1, args.steps, *guidance)
         ins = inputs(gen32, 1, seed=0)
         ref32 = gen32.reference(*ins)
         fast32 = gen32(*ins)
@@ -273,7 +275,7 @@ def main() -> None:
                 torch._dynamo.reset()
                 bc.compile_blocks([*mixer.blocks, *decoder.blocks])
             for b in batches:
-                gen = Generator(mixer, decoder, vae, b, steps=args.steps)
+                gen = Generator(mixer, decoder, vae, b, args.steps, *guidance)
                 ins_b = inputs(gen, b, seed=0)
                 t0 = time.perf_counter()
                 if mode == "reference":

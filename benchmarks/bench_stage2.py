@@ -52,7 +52,7 @@ def fused_vs_matmul(device: torch.device) -> dict[str, float]:
     blk = MixerBlock(cfg.width, cfg.token_hidden, cfg.channel_hidden).to(device)
     for q in blk.parameters():
         torch.nn.init.normal_(q, std=0.05)
-    x = torch.randn(64, 3, 1536, device=device)
+    x = torch.randn(64, 3, cfg.width, device=device)
     res = {}
     for fused in (False, True):
         MixerBlock.fused_token_mix = fused

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import common  # noqa: E402
-from reptok_core.config import opt, section  # noqa: E402
+from reptok_core.config import opt, preset_section, section  # noqa: E402
+from reptok_core.models.tokenizer import TokenizerConfig  # noqa: E402
 
 
 @dataclass
 class DemoSettings:
     out: str = opt("demo_out", "folder for data, runs, the MLflow store and the generated images")
     images: int = opt(4000, "Fashion-MNIST training images to prepare (of 60,000)")
-    resolution: int = opt(32, "image side in pixels")
     eval_images: int = opt(100, "held-out images / samples for evaluate (FID on CPU is slow)")
     port: int = opt(8000, "port of the demo's Serve endpoint on 127.0.0.1")
 
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     out = os.path.abspath(cfg.out)
     runs = os.path.join(out, "runs")
-    data = os.path.join(out, "data", f"fashion-mnist-{cfg.resolution}")
+    # The images are prepared at the side the demo's tokenizer preset is built for.
+    resolution = preset_section(TokenizerConfig, "demo/tokenizer").image_size
+    data = os.path.join(out, "data", f"fashion-mnist-{resolution}")
     tokens = os.path.join(out, "tokens")
     common.init_ray(min_cpus=4)
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             "--config",
             "configs/prepare/fashion-mnist.yaml",
             f"output.uri={data}",
-            f"image.resolution={cfg.resolution}",
+            f"image.resolution={resolution}",
             f"source.limit={cfg.images}",
             "output.shard_rows=1000",
             "output.val_fraction=0.05",

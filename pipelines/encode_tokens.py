@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in ("images", "output", "tokenizer"):
         if not getattr(s, key):
             raise SystemExit(f"error: encode.{key} is required (see --help)")
+    try:
+        files = data_files(s.images)  # before Ray and the MLflow run: a bad path leaves neither
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: encode.images: {e}") from None
     common.init_ray(min_cpus=s.max_actors * int(np.ceil(s.cpus_per_actor)) + 2)
     import mlflow
 
@@ -247,10 +251,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tok_uri, tok_run = model_uri.resolve_export(s.tokenizer, tracking_uri, EXPORT_CONFIG)
     tags = {"reptok.tokenizer": s.tokenizer, "reptok.tokenizer_run_id": tok_run or ""}
     run_id = common.start_or_resume_mlflow_run(cfg.run, cfg, stage="encode", tags=tags)
-    try:
-        files = data_files(s.images)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: encode.images: {e}") from None
     tok_id = (
         tok_run
         or hashlib.blake2b(storage.read_bytes(storage.join(tok_uri, EXPORT_CONFIG))).hexdigest()

@@ -67,13 +67,15 @@ def main(argv: list[str] | None = None) -> str:
         PretrainEncoderConfig, args, __doc__, data="an images Parquet prefix from prepare_data"
     )
     cfg.model.total_steps = cfg.model.total_steps or cfg.loop.steps
-    run = stage.start(cfg, "encoder")
     # The k-NN probe: a fixed labelled bank and fixed labelled queries, read once on the driver.
-    queries = _labelled(cfg.data.val, cfg.loop.eval_images) if cfg.data.val else None
-    bank = _labelled(cfg.data.knn_bank or cfg.data.train, cfg.data.knn_bank_size)
+    with stage.reading("data.val"):
+        queries = _labelled(cfg.data.val, cfg.loop.eval_images) if cfg.data.val else None
+    with stage.reading("data.knn_bank" if cfg.data.knn_bank else "data.train"):
+        bank = _labelled(cfg.data.knn_bank or cfg.data.train, cfg.data.knn_bank_size)
     if cfg.data.val and (queries is None or bank is None):
         print("[encoder] no labels in data.val / data.knn_bank: k-NN probe disabled", flush=True)
     probe_on = queries is not None and bank is not None
+    run = stage.start(cfg, "encoder")
     out_uri = run.export_uri
     command = "python pipelines/pretrain_encoder.py " + " ".join(args)
 

@@ -178,9 +178,10 @@ def main(argv: list[str] | None = None) -> str:
     cfg = stage.parse(
         TrainGeneratorConfig, argv, __doc__, data="a token Parquet from encode_tokens"
     )
-    manifest = tokens.read_manifest(cfg.data.train)
     uses_captions = generator_conditioning(cfg).uses_captions
-    cache = tokens.read_caption_cache(cfg.data.train) if uses_captions else None
+    with stage.reading("data.train"):
+        manifest = tokens.read_manifest(cfg.data.train)
+        cache = tokens.read_caption_cache(cfg.data.train) if uses_captions else None
     captions = cache[0] if cache else None  # the driver keeps the names, workers the states
     del cache
     init = None
@@ -205,12 +206,13 @@ def main(argv: list[str] | None = None) -> str:
         "reptok.encode_run_id": manifest.get("mlflow_run_id") or "",
         "reptok.tokenizer_run_id": manifest.get("tokenizer_run_id") or "",
     }
-    run = stage.start(cfg, "generator", tags=tags)
-    tracking_uri = run.tracking_uri
-    held_out = tokens.load_tokens(cfg.data.val or cfg.data.train, limit=cfg.loop.eval_images)
+    with stage.reading("data.val" if cfg.data.val else "data.train"):
+        held_out = tokens.load_tokens(cfg.data.val or cfg.data.train, limit=cfg.loop.eval_images)
     kind = generator_conditioning(cfg)  # after init_from: a fine-tuned export keeps its kind
     eval_batch = kind.batch_arrays(held_out, caption_list)
     eval_batch.pop("token_flip", None)
+    run = stage.start(cfg, "generator", tags=tags)
+    tracking_uri = run.tracking_uri
     out_uri = run.export_uri
     # A fine-tuned generator keeps the normalisation its weights were trained with.
     normalizer = (

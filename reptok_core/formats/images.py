@@ -24,6 +24,8 @@ from reptok_core.formats.row_stream import RowGroupStream
 from reptok_core.images import decode_rgb
 from reptok_core.training.distributed import world
 
+FORMAT = "reptok.images/1"  # the manifest's "format"; part of every prepare run's fingerprint
+
 
 def images_schema(latent_size: int = 0) -> pa.Schema:
     """The row schema (plus `vae_latent` when latent_size > 0)."""

@@ -7,10 +7,10 @@ import json
 from dataclasses import dataclass
 
 from reptok_core.config import ConfigError, opt, section, to_dict
+from reptok_core.formats.images import FORMAT
 from reptok_core.images import IMAGE_FORMATS
 
 SOURCE_KINDS = ("folder", "manifest", "parquet", "webdataset", "fashion-mnist", "emoji")
-FORMAT_VERSION = "reptok.images/1"
 
 
 @dataclass
@@ -159,7 +159,7 @@ def fingerprint(cfg: PrepareConfig) -> str:
             if k in ("shard_rows", "shard_mb", "val_fraction")
         },
         "vae": to_dict(cfg.vae) if cfg.vae.enabled else None,
-        "format": FORMAT_VERSION,
+        "format": FORMAT,
     }
     return hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=8).hexdigest()
 

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from reptok_core.formats.images import images_schema
-from reptok_core.prepare.config import FORMAT_VERSION, PrepareConfig, redacted
+from reptok_core.formats.images import FORMAT, images_schema
+from reptok_core.prepare.config import PrepareConfig, redacted
 from reptok_core.prepare.sources import Plan
 
 
@@ -60,7 +60,7 @@ def build_manifest(
     latent_shape = next((s["latent_shape"] for s in summaries if s.get("latent_shape")), None)
     latent_size = int(np.prod(latent_shape)) if latent_shape else 0
     return {
-        "format": FORMAT_VERSION,
+        "format": FORMAT,
         "fingerprint": fp,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": sys.argv,
