@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,16 @@ def parse_cli(cls: type, argv: list[str] | None, description: str) -> Any:
         return load_config(cls, preset, argv)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+@contextmanager
+def reading(option: str) -> Iterator[None]:
+    """Around the data an entry point reads BEFORE it starts Ray or an MLflow run: a missing or
+    malformed input ends the command with an error naming the option, leaving neither behind."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {option}: {e}") from None
 
 
 def init_ray(min_cpus: int = 0) -> None:

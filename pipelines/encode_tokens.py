@@ -237,10 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in ("images", "output", "tokenizer"):
         if not getattr(s, key):
             raise SystemExit(f"error: encode.{key} is required (see --help)")
-    try:
-        files = data_files(s.images)  # before Ray and the MLflow run: a bad path leaves neither
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: encode.images: {e}") from None
+    with common.reading("encode.images"):
+        files = data_files(s.images)
     common.init_ray(min_cpus=s.max_actors * int(np.ceil(s.cpus_per_actor)) + 2)
     import mlflow
 

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> str:
     )
     cfg.model.total_steps = cfg.model.total_steps or cfg.loop.steps
     # The k-NN probe: a fixed labelled bank and fixed labelled queries, read once on the driver.
-    with stage.reading("data.val"):
+    with common.reading("data.val"):
         queries = _labelled(cfg.data.val, cfg.loop.eval_images) if cfg.data.val else None
-    with stage.reading("data.knn_bank" if cfg.data.knn_bank else "data.train"):
+    with common.reading("data.knn_bank" if cfg.data.knn_bank else "data.train"):
         bank = _labelled(cfg.data.knn_bank or cfg.data.train, cfg.data.knn_bank_size)
     if cfg.data.val and (queries is None or bank is None):
         print("[encoder] no labels in data.val / data.knn_bank: k-NN probe disabled", flush=True)

@@ -1,7 +1,7 @@
 """What every training entry point (stage 0, 1 and 2) does around its task, written once.
 
     cfg = stage.parse(MyStageConfig, argv, __doc__, data="an images Parquet prefix from prepare_data")
-    with stage.reading("data.train"):         # stage-specific: read the data, shape cfg.model
+    with common.reading("data.train"):        # stage-specific: read the data, shape cfg.model
         ...
     run = stage.start(cfg, "tokenizer")       # Ray, GPU or not, the MLflow run, the run's folders
     return run.fit(make_task, export, eval_batch=..., dataset=...)
@@ -12,8 +12,7 @@ pipelines/ray_loop.py) on Ray Train workers, then registers the export and close
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,16 +36,6 @@ def parse(cls: type, argv: list[str] | None, doc: str, data: str) -> Any:
     if not cfg.data.train:
         raise SystemExit(f"error: data.train is required ({data})")
     return cfg
-
-
-@contextmanager
-def reading(option: str) -> Iterator[None]:
-    """Around the data a stage reads BEFORE `start`: a missing or malformed input ends the
-    command with an error naming the option, before any Ray cluster or MLflow run exists."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {option}: {e}") from None
 
 
 @dataclass

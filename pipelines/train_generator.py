@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> str:
         TrainGeneratorConfig, argv, __doc__, data="a token Parquet from encode_tokens"
     )
     uses_captions = generator_conditioning(cfg).uses_captions
-    with stage.reading("data.train"):
+    with common.reading("data.train"):
         manifest = tokens.read_manifest(cfg.data.train)
         cache = tokens.read_caption_cache(cfg.data.train) if uses_captions else None
     captions = cache[0] if cache else None  # the driver keeps the names, workers the states
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> str:
         "reptok.encode_run_id": manifest.get("mlflow_run_id") or "",
         "reptok.tokenizer_run_id": manifest.get("tokenizer_run_id") or "",
     }
-    with stage.reading("data.val" if cfg.data.val else "data.train"):
+    with common.reading("data.val" if cfg.data.val else "data.train"):
         held_out = tokens.load_tokens(cfg.data.val or cfg.data.train, limit=cfg.loop.eval_images)
     kind = generator_conditioning(cfg)  # after init_from: a fine-tuned export keeps its kind
     eval_batch = kind.batch_arrays(held_out, caption_list)

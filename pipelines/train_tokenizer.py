@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> str:
         meta = read_tokenizer_meta(model_uri.resolve(cfg.init_from, tracking_uri).folder)
         cfg.model = finetune_config(cfg.model, from_dict(TokenizerConfig, meta["config"]))
         vae_config = meta.get("vae_config")
-    with stage.reading("data.val" if cfg.data.val else "data.train"):
+    with common.reading("data.val" if cfg.data.val else "data.train"):
         eval_batch = images.heldout_batch(cfg.data.val or cfg.data.train, cfg.loop.eval_images)
     run = stage.start(cfg, "tokenizer")
     out_uri = run.export_uri
